@@ -1,0 +1,70 @@
+"""The FastAPI application. It never imports torch: inference runs in a worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from retouch import __version__
+from retouch.api.errors import install_error_handlers
+from retouch.api.limits import BodySizeLimit
+from retouch.api.routes import router
+from retouch.api.schemas import QwenImageEditRequest
+from retouch.api.service import TaskService
+
+DESCRIPTION = """\
+A self-hosted server for the qwen-image-edit async task API.
+
+Submit an edit with 1-3 image URLs, get a task id, poll `GET /v1/tasks/{id}`,
+download the result links (valid 24 hours by default).
+
+Extensions to the reference contract (all optional, all compatible): the
+`cancelled` status and `POST /v1/tasks/{id}/cancel`; an `error` object on
+failed tasks; `usage` on the task detail; the request fields `n`, `seed`,
+`negative_prompt`, `size` (and `prompt_extend`/`watermark`, accepted only as
+false); 402, 405, 409 and 413 errors in the seed's error shape.
+"""
+
+
+def create_app(service: TaskService, *, max_request_bytes: int = 1 << 20) -> FastAPI:
+    app = FastAPI(
+        title="Retouch: qwen-image-edit Interface",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.services = service
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, made to read like the seed's: its schema names, no 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    spec = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    request_schema = QwenImageEditRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(request_schema.pop("$defs", {}))
+    schemas["QwenImageEditRequest"] = request_schema
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for path in spec.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    return spec

@@ -1,0 +1,100 @@
+"""The one place where errors become the seed's `{"error": {...}}` body."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from retouch.errors import (
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    RetouchError,
+)
+
+log = logging.getLogger(__name__)
+
+_LIST_BOUNDS = {"image_urls": "1-3 image URLs"}
+
+
+def error_response(error: RetouchError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_retouch_error(_request: Request, exc: Exception) -> JSONResponse:
+        return error_response(cast(RetouchError, exc))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(_from_http(request, cast(StarletteHTTPException, exc)))
+
+    async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+        return error_response(invalid_request(cast(RequestValidationError, exc).errors()))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(InternalError())
+
+    app.add_exception_handler(RetouchError, on_retouch_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def _from_http(request: Request, exc: StarletteHTTPException) -> RetouchError:
+    route = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return NotFoundError(f"No such endpoint: {route}")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        return MethodNotAllowedError(
+            f"Method {request.method} is not allowed on {request.url.path}"
+            + (f"; allowed: {allowed}" if allowed else ""),
+            headers={"Allow": allowed} if allowed else None,
+        )
+    if exc.status_code >= 500:
+        return InternalError()
+    return InvalidRequestError(str(exc.detail))
+
+
+def invalid_request(errors: Sequence[Any]) -> InvalidRequestError:
+    """The first validation problem, as one sentence naming its parameter."""
+    first = dict(errors[0]) if errors else {}
+    location = [part for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = _param_name(location)
+    kind = first.get("type", "")
+    if kind == "missing":
+        message = f"`{param}` is required"
+    elif kind in ("too_short", "too_long") and param in _LIST_BOUNDS:
+        given = first.get("input")
+        count = len(given) if isinstance(given, list) else "?"
+        message = f"`{param}` must contain {_LIST_BOUNDS[param]}; got {count}"
+    elif kind == "value_error":
+        message = str(first.get("ctx", {}).get("error", first.get("msg", "")))
+        if not message.startswith(param.split("[")[0]):
+            message = f"`{param}` {message}"
+    else:
+        message = f"`{param}`: {first.get('msg', 'is invalid')}"
+    # A URL problem names its index (`image_urls[1] must be …`): point `param` at it.
+    if message.startswith(f"{param}[") and "]" in message:
+        param = message.split(" ", 1)[0]
+    return InvalidRequestError(message, param=param or None)
+
+
+def validation_to_error(exc: ValidationError) -> InvalidRequestError:
+    return invalid_request(exc.errors())
+
+
+def _param_name(location: Sequence[Any]) -> str:
+    name = ""
+    for part in location:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name

@@ -1,0 +1,176 @@
+"""Wire shapes, named as in the seed's schema (`QwenImageEditRequest`,
+`ImageGenerationResponse`, `TaskDetail`, …). Fields the seed lacks are our
+documented extensions and are all optional."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+MAX_IMAGES = 3
+MAX_URL_LENGTH = 2048
+MAX_SEED = 2147483647
+_SIZE = re.compile(r"^(\d{1,5})[x*](\d{1,5})$")
+
+TaskStatusName = Literal["pending", "processing", "completed", "failed", "cancelled"]
+
+
+class QwenImageEditRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="Model name", examples=["qwen-image-edit"])
+    prompt: str = Field(
+        max_length=2000,
+        description="How to edit the input image(s); at most 2000 characters "
+        "and 2000 tokens of the model's tokenizer",
+        examples=["Replace the background of this image"],
+    )
+    image_urls: list[str] = Field(
+        min_length=1,
+        max_length=MAX_IMAGES,
+        description="1-3 http(s) URLs of the input images: jpg, png, bmp, webp or tiff, "
+        "width and height within 384-3072 pixels, at most 10 MB each. The content is "
+        "checked, not the extension.",
+        examples=[["https://example.com/image1.png"]],
+    )
+    callback_url: str | None = Field(
+        default=None,
+        max_length=MAX_URL_LENGTH,
+        description="HTTPS address called with the task detail once the task is "
+        "completed, failed or cancelled (stored; delivery is signed)",
+    )
+    n: StrictInt = Field(default=1, ge=1, le=6, description="Extension: number of results")
+    seed: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Extension: random seed for reproducibility"
+    )
+    negative_prompt: str | None = Field(
+        default=None, max_length=500, description="Extension: what to avoid"
+    )
+    size: str | None = Field(
+        default=None,
+        description="Extension: output size `WxH`, each side 512-2048 and a multiple of 16; "
+        "default: about 1 megapixel at the aspect ratio of the last input image",
+        examples=["1024x1024"],
+    )
+    prompt_extend: StrictBool = Field(
+        default=False, description="Extension: accepted only as false (not offered)"
+    )
+    watermark: StrictBool = Field(
+        default=False, description="Extension: accepted only as false (not offered)"
+    )
+
+    @field_validator("image_urls")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        for index, url in enumerate(urls):
+            problem = _url_problem(url, ("http", "https"))
+            if problem:
+                raise ValueError(f"image_urls[{index}] {problem}")
+        return urls
+
+    @field_validator("callback_url")
+    @classmethod
+    def _check_callback(cls, url: str | None) -> str | None:
+        if url is not None:
+            problem = _url_problem(url, ("https",))
+            if problem:
+                raise ValueError(f"callback_url {problem}")
+        return url
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, size: str | None) -> str | None:
+        if size is not None:
+            parse_size(size)
+        return size
+
+    @field_validator("prompt_extend", "watermark")
+    @classmethod
+    def _only_false(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("is not offered by this server; send false or leave it out")
+        return value
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    match = _SIZE.match(size.strip())
+    if not match:
+        raise ValueError(f"must look like 1024x1024 (width x height), not {size!r}")
+    width, height = int(match[1]), int(match[2])
+    for side in (width, height):
+        if not 512 <= side <= 2048 or side % 16:
+            raise ValueError(
+                f"{size!r}: each side must be within 512-2048 pixels and a multiple of 16"
+            )
+    return width, height
+
+
+def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    if len(url) > MAX_URL_LENGTH:
+        return f"is longer than {MAX_URL_LENGTH} characters"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme.lower() not in schemes:
+        allowed = " or ".join(schemes)
+        return f"must be an {allowed} URL, not {url[:80]!r}"
+    if not parts.netloc or not parts.hostname:
+        return f"has no host: {url[:80]!r}"
+    return None
+
+
+class TaskInfo(BaseModel):
+    can_cancel: bool = Field(description="Whether the task can be cancelled")
+    estimated_time: Annotated[int, Field(ge=0)] = Field(
+        description="Estimated seconds until completion"
+    )
+
+
+class Usage(BaseModel):
+    billing_rule: Literal["per_call", "per_token", "per_second"] = "per_call"
+    credits_reserved: Annotated[float, Field(ge=0)]
+    user_group: Literal["default", "vip"]
+
+
+class TaskErrorInfo(BaseModel):
+    """Extension: why a failed task failed."""
+
+    code: int
+    message: str
+    type: str
+    param: str | None = None
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int = Field(description="Task creation timestamp (Unix seconds)")
+    id: str = Field(examples=["task-unified-1757156493-imcg5zqt"])
+    model: str
+    object: Literal["image.generation.task"] = "image.generation.task"
+    progress: Annotated[int, Field(ge=0, le=100)]
+    status: TaskStatusName = Field(description="`cancelled` is an extension of the seed")
+    task_info: TaskInfo
+    type: Literal["image"] = "image"
+    usage: Usage
+
+
+class TaskDetail(ImageGenerationResponse):
+    results: list[str] | None = Field(
+        default=None, description="Result links once completed; valid for 24 hours by default"
+    )
+    error: TaskErrorInfo | None = Field(default=None, description="Extension: on failed tasks")
+
+
+class ErrorBody(BaseModel):
+    code: int
+    message: str
+    type: str
+    param: str | None = None
+    fallback_suggestion: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

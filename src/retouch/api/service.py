@@ -1,0 +1,144 @@
+"""What the API does with a request, apart from HTTP: create, read, cancel, render."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from retouch.api.schemas import QwenImageEditRequest, parse_size
+from retouch.clock import Clock
+from retouch.errors import NotFoundError
+from retouch.keys import ApiKey
+from retouch.storage import ResultStorage
+from retouch.store import Store
+from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
+
+DEFAULT_TASK_SECONDS = 30.0
+_ESTIMATE_CACHE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    price: float = 1.0
+
+
+class TaskService:
+    def __init__(
+        self,
+        store: Store,
+        storage: ResultStorage,
+        clock: Clock,
+        models: list[ServedModel],
+        public_url: str | None = None,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.clock = clock
+        self.models = {model.name: model for model in models}
+        self.public_url = public_url
+        self._durations: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def create(self, key: ApiKey, request: QwenImageEditRequest) -> Task:
+        model = self._model(request.model)
+        width, height = parse_size(request.size) if request.size else (None, None)
+        now = self.clock.now()
+        task = Task(
+            id=new_task_id(int(now.timestamp())),
+            key_id=key.id,
+            model=model.name,
+            status=TaskStatus.PENDING,
+            progress=0,
+            params=EditParams(
+                prompt=request.prompt,
+                image_urls=request.image_urls,
+                callback_url=request.callback_url,
+                n=request.n,
+                seed=request.seed,
+                negative_prompt=request.negative_prompt,
+                width=width,
+                height=height,
+            ),
+            created_at=now,
+            user_group=key.user_group,
+            credits_reserved=model.price * request.n,
+        )
+        self.store.create_task(task)
+        return task
+
+    def get(self, key: ApiKey, task_id: str) -> Task:
+        """The caller's task; another key's task is indistinguishable from none."""
+        task = self.store.get_task(task_id, key.id)
+        if task is None:
+            raise NotFoundError(f"No task found with id '{task_id}'", param="task_id")
+        return task
+
+    def cancel(self, key: ApiKey, task_id: str) -> Task:
+        return self.store.request_cancel(task_id, key.id)
+
+    def render(self, task: Task, base_url: str, *, detail: bool = True) -> dict[str, Any]:
+        """The seed's task object (and, for `detail`, results and error)."""
+        body: dict[str, Any] = {
+            "created": task.created,
+            "id": task.id,
+            "model": task.model,
+            "object": "image.generation.task",
+            "progress": task.progress,
+            "status": task.status.value,
+            "task_info": {
+                "can_cancel": task.can_cancel,
+                "estimated_time": self.estimated_time(task),
+            },
+            "type": "image",
+            "usage": {
+                "billing_rule": "per_call",
+                "credits_reserved": task.credits_reserved,
+                "user_group": task.user_group,
+            },
+        }
+        if detail and task.status is TaskStatus.COMPLETED and task.results_expire_at:
+            base = self.public_url or base_url
+            body["results"] = [
+                self.storage.link(base, key, task.results_expire_at) for key in task.result_keys
+            ]
+        if detail and task.error is not None:
+            error = task.error
+            rendered = {"code": error.code, "message": error.message, "type": error.type}
+            if error.param:
+                rendered["param"] = error.param
+            body["error"] = rendered
+        return body
+
+    def estimated_time(self, task: Task) -> int:
+        """Seconds until done: recent run times, this task's progress and the queue ahead."""
+        if task.status.is_terminal:
+            return 0
+        per_task = self._typical_seconds(task.model)
+        if task.status is TaskStatus.PROCESSING:
+            return round(per_task * (100 - task.progress) / 100)
+        ahead = self.store.queue_position(task)
+        return round(per_task * (ahead + 1))
+
+    def _typical_seconds(self, model: str) -> float:
+        with self._lock:
+            cached = self._durations.get(model)
+        if cached and time.monotonic() - cached[1] < _ESTIMATE_CACHE_SECONDS:
+            return cached[0]
+        seconds = self.store.recent_task_seconds(model) or DEFAULT_TASK_SECONDS
+        with self._lock:
+            self._durations[model] = (seconds, time.monotonic())
+        return seconds
+
+    def _model(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            served = ", ".join(sorted(self.models))
+            raise NotFoundError(
+                f"Specified model not found: {name!r}; this server serves {served}",
+                param="model",
+                fallback_suggestion=next(iter(sorted(self.models))),
+            )
+        return model

@@ -1,0 +1,85 @@
+"""Decoding and validating input images, and encoding results.
+
+The format is sniffed from the bytes (never the extension or Content-Type),
+only the seed's formats are decoded, and the size is checked from the header
+before any pixel is decoded, so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from retouch.errors import InputImageError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
+MIN_SIDE = 384
+MAX_SIDE = 3072
+_FORMAT_NAMES = "jpg, png, bmp, webp or tiff"
+
+
+def decode_image(data: bytes, param: str) -> Image.Image:
+    """An RGB image, upright per its EXIF orientation, or `InputImageError` naming `param`."""
+    if not data:
+        raise InputImageError("the image is empty (0 bytes were downloaded)", param=param)
+    image = _open(data, param)
+    width, height = image.size
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise InputImageError(
+            f"the image is {width}x{height}; width and height must be within "
+            f"{MIN_SIDE}-{MAX_SIDE} pixels",
+            param=param,
+        )
+    if getattr(image, "n_frames", 1) > 1:
+        raise InputImageError(
+            "animated images are not supported; send a single still image", param=param
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputImageError(
+            f"the {image.format} image is truncated or corrupt ({exc})", param=param
+        ) from None
+    upright = ImageOps.exif_transpose(image)
+    return _to_rgb(upright)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _open(data: bytes, param: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputImageError(
+            "the image declares too many pixels (a decompression bomb?); "
+            f"width and height must be within {MIN_SIDE}-{MAX_SIDE} pixels",
+            param=param,
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InputImageError(
+            f"the content is not an image in a supported format ({_FORMAT_NAMES}); "
+            f"it starts with {data[:16]!r}",
+            param=param,
+        ) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits before converting.
+        return image.point(lambda value: value / 256).convert("L").convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,78 @@
+"""Housekeeping that runs beside the API: expired result files and stale leases."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from retouch.storage import ResultStorage
+from retouch.store import Store
+
+log = logging.getLogger(__name__)
+
+REAP_INTERVAL_SECONDS = 5.0
+
+
+class Janitor:
+    def __init__(
+        self,
+        store: Store,
+        storage: ResultStorage,
+        *,
+        max_attempts: int,
+        interval_seconds: float,
+    ) -> None:
+        self.store = store
+        self.storage = storage
+        self.max_attempts = max_attempts
+        self.interval_seconds = interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> tuple[int, int]:
+        """Delete expired result files and requeue tasks whose worker vanished.
+        Returns (tasks whose results were purged, tasks reaped)."""
+        return self.purge_expired_results(), self.reap_leases()
+
+    def purge_expired_results(self) -> int:
+        purged = 0
+        while batch := self.store.expired_results():
+            for _task_id, keys in batch:
+                self.storage.delete(keys)
+            self.store.mark_results_purged([task_id for task_id, _ in batch])
+            purged += len(batch)
+        if purged:
+            log.info("janitor: deleted the expired results of %d task(s)", purged)
+        return purged
+
+    def reap_leases(self) -> int:
+        reaped = self.store.reap_expired_leases(self.max_attempts)
+        if reaped:
+            log.warning("janitor: %d task(s) had lost their worker; requeued or failed", reaped)
+        return reaped
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="janitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        # Leases are checked often (a lost worker should not hold a task for
+        # long); files are swept at the configured interval.
+        tick = min(self.interval_seconds, REAP_INTERVAL_SECONDS)
+        since_purge = self.interval_seconds  # sweep once at start-up
+        while True:
+            try:
+                if since_purge >= self.interval_seconds:
+                    since_purge = 0.0
+                    self.purge_expired_results()
+                self.reap_leases()
+            except Exception:
+                log.exception("janitor run failed; trying again next interval")
+            if self._stop.wait(tick):
+                return
+            since_purge += tick

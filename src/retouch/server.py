@@ -1,0 +1,253 @@
+"""`retouch serve`: the embedded default on one machine.
+
+One process serves the API (no torch in it) and supervises a worker child
+process that loads the model and runs edits, so polls stay fast while the
+model computes and a crash of the engine never takes the API down.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import IO
+
+from retouch.api.app import create_app
+from retouch.api.service import ServedModel, TaskService
+from retouch.clock import SystemClock
+from retouch.errors import ModelLoadError
+from retouch.janitor import Janitor
+from retouch.settings import Settings
+from retouch.storage import LocalResultStorage
+from retouch.store import Store, migrate
+
+log = logging.getLogger(__name__)
+
+_READY_TIMEOUT_SECONDS = 3600.0
+_STOP_GRACE_SECONDS = 15.0
+_RESTART_DELAY_SECONDS = 2.0
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is one sentence for the operator."""
+
+
+def open_store(settings: Settings) -> Store:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store.from_url(settings.resolved_database_url)
+    migrate(store.engine)
+    return store
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    with _exclusive(settings.data_dir):
+        store = open_store(settings)
+        clock = SystemClock()
+        storage = LocalResultStorage(settings.results_dir, settings.signing_key(), clock)
+        # This process holds the data directory: no other worker can own a lease.
+        taken_over = store.reap_expired_leases(settings.max_attempts, all_leases=True)
+        if taken_over:
+            log.warning("%d task(s) were running when the server last stopped", taken_over)
+        supervisor = WorkerSupervisor(settings) if settings.worker else None
+        if supervisor is not None:
+            supervisor.start()
+        janitor = Janitor(
+            store,
+            storage,
+            max_attempts=settings.max_attempts,
+            interval_seconds=settings.janitor_interval_seconds,
+        )
+        janitor.start()
+        service = TaskService(
+            store,
+            storage,
+            clock,
+            [ServedModel(settings.model_name, settings.price)],
+            public_url=settings.public_url,
+        )
+        app = create_app(service, max_request_bytes=settings.max_request_bytes)
+        _print_hint(settings, store)
+        try:
+            uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        finally:
+            janitor.stop()
+            if supervisor is not None:
+                supervisor.stop()
+            store.close()
+
+
+class WorkerSupervisor:
+    """Runs the worker in a child process, waits until its model is loaded, and
+    restarts it if it dies."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._process: BaseProcess | None = None
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the worker and return once its model is loaded (or raise)."""
+        self._process = self._spawn()
+        self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
+        self._monitor.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        process = self._process
+        if process is None or not process.is_alive():
+            return
+        process.terminate()  # SIGTERM: the running task goes back to the queue
+        process.join(_STOP_GRACE_SECONDS)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+    def _spawn(self) -> BaseProcess:
+        receiver, sender = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=worker_main,
+            args=(self.settings, sender, os.getpid()),
+            name="retouch-worker",
+            daemon=True,
+        )
+        process.start()
+        sender.close()
+        self._await_ready(process, receiver)
+        return process
+
+    def _await_ready(self, process: BaseProcess, receiver: Connection) -> None:
+        print(f"Loading model {self.settings.model!r} …", file=sys.stderr, flush=True)
+        try:
+            if not receiver.poll(_READY_TIMEOUT_SECONDS):
+                raise StartupError("The worker did not finish loading the model in time.")
+            kind, message = receiver.recv()
+        except EOFError:
+            process.join()
+            raise StartupError(
+                f"The worker process exited (code {process.exitcode}) while loading the model."
+            ) from None
+        finally:
+            receiver.close()
+        if kind != "ready":
+            process.join()
+            raise StartupError(message)
+        log.info("worker ready: %s", message)
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            process = self._process
+            if process is None:
+                return
+            process.join(0.5)
+            if process.is_alive() or self._stopping.is_set():
+                continue
+            log.error("the worker process died (exit code %s); restarting it", process.exitcode)
+            if self._stopping.wait(_RESTART_DELAY_SECONDS):
+                return
+            try:
+                self._process = self._spawn()
+            except StartupError as exc:
+                log.error("could not restart the worker: %s", exc)
+
+
+def worker_main(settings: Settings, ready: Connection, parent_pid: int) -> None:
+    """Entry point of the worker child process."""
+    _die_with_parent(parent_pid)
+    configure_logging()
+    from retouch.engine.loader import load_engine
+    from retouch.fetch import ImageFetcher
+    from retouch.worker import Worker, WorkerConfig
+
+    try:
+        engine = load_engine(settings)
+    except ModelLoadError as exc:
+        ready.send(("error", str(exc)))
+        sys.exit(1)
+    store = Store.from_url(settings.resolved_database_url)
+    clock = SystemClock()
+    worker = Worker(
+        store,
+        LocalResultStorage(settings.results_dir, settings.signing_key(), clock),
+        engine,
+        ImageFetcher(
+            allow_private_networks=settings.allow_private_networks,
+            max_bytes=settings.max_image_bytes,
+            timeout_seconds=settings.fetch_timeout_seconds,
+        ),
+        WorkerConfig(
+            lease_seconds=settings.lease_seconds,
+            result_ttl_seconds=settings.result_ttl_seconds,
+            poll_interval_seconds=settings.poll_interval_seconds,
+        ),
+        clock=clock,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    ready.send(("ready", f"{settings.model} as {worker.worker_id}"))
+    ready.close()
+    worker.run()
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to kill this child if the server dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.debug("prctl unavailable; the worker will not follow the server's death")
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the parent is already gone
+
+
+@contextmanager
+def _exclusive(data_dir: Path) -> Iterator[None]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle: IO[str] = (data_dir / "serve.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StartupError(
+            f"Another `retouch serve` is already using {data_dir}; stop it or pass --data-dir."
+        ) from None
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def _print_hint(settings: Settings, store: Store) -> None:
+    default_dir = settings.data_dir == Path("retouch-data")
+    data_dir = "" if default_dir else f" --data-dir {settings.data_dir}"
+    url = f"http://{settings.host}:{settings.port}"
+    lines = [f"Retouch is serving {settings.model_name!r} on {url}"]
+    if not store.list_keys():
+        lines.append("No API key exists yet. Create one with:")
+    else:
+        lines.append("Create another API key with:")
+    lines.append(f"    retouch keys create --name alice{data_dir}")
+    print("\n".join(lines), file=sys.stderr, flush=True)

@@ -1,0 +1,108 @@
+"""Result storage: where edited images go, and the links that fetch them.
+
+The local backend keeps files under the data directory; links are signed with
+HMAC-SHA256 over the file's key and expiry, served by the API without an API
+key, and refused once expired or altered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, urlencode
+
+from retouch.clock import Clock
+from retouch.errors import NotFoundError, PermissionDeniedError
+
+# Keys look like `<task id>/<index>.png`; nothing else is ever served.
+_KEY = re.compile(r"^task-unified-\d+-[a-z0-9]{8}/\d{1,2}\.png$")
+
+
+class ResultStorage(Protocol):
+    def put(self, task_id: str, index: int, data: bytes) -> str:
+        """Store one result image; return its key."""
+        ...
+
+    def delete(self, keys: list[str]) -> None: ...
+
+    def link(self, base_url: str, key: str, expires_at: datetime) -> str:
+        """A URL that downloads `key` without an API key until `expires_at`."""
+        ...
+
+    def open_signed(self, key: str, expires: int, signature: str) -> Path:
+        """The local file behind a link this storage signed (backends that serve
+        their own links); refuses altered or expired links."""
+        ...
+
+
+class LocalResultStorage:
+    def __init__(self, root: Path, signing_key: bytes, clock: Clock) -> None:
+        self.root = root
+        self._signing_key = signing_key
+        self._clock = clock
+
+    def put(self, task_id: str, index: int, data: bytes) -> str:
+        key = f"{task_id}/{index}.png"
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside, then rename: a reader never sees half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return key
+
+    def delete(self, keys: list[str]) -> None:
+        folders = set()
+        for key in keys:
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        for folder in folders:
+            if folder.is_dir() and not any(folder.iterdir()):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def link(self, base_url: str, key: str, expires_at: datetime) -> str:
+        expires = int(expires_at.timestamp())
+        query = urlencode({"expires": expires, "signature": self._sign(key, expires)})
+        return f"{base_url.rstrip('/')}/v1/files/{quote(key)}?{query}"
+
+    def open_signed(self, key: str, expires: int, signature: str) -> Path:
+        """The file behind a link, after checking its signature and expiry."""
+        if not _KEY.match(key) or not hmac.compare_digest(self._sign(key, expires), signature):
+            raise PermissionDeniedError(
+                "This result link is invalid: its signature does not match",
+                param="signature",
+                fallback_suggestion="fetch the task again for fresh result links",
+            )
+        expired_at = datetime.fromtimestamp(expires, self._clock.now().tzinfo)
+        if self._clock.now() >= expired_at:
+            raise PermissionDeniedError(
+                f"This result link expired at {expired_at.isoformat()}",
+                param="expires",
+                fallback_suggestion="results are kept for a limited time; run the edit again",
+            )
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFoundError("This result no longer exists", param="key")
+        return path
+
+    def _sign(self, key: str, expires: int) -> str:
+        message = f"{key}\n{expires}".encode()
+        return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        if not _KEY.match(key):
+            raise ValueError(f"not a result key: {key!r}")
+        return self.root / key

@@ -1,0 +1,6 @@
+"""Persistence: the task queue and keys, on SQLite or PostgreSQL."""
+
+from retouch.store.migrate import migrate
+from retouch.store.store import Store, create_db_engine
+
+__all__ = ["Store", "create_db_engine", "migrate"]
