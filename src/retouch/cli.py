@@ -3,21 +3,60 @@
 from __future__ import annotations
 
 import sys
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import click
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from retouch import __version__
 from retouch.settings import Settings
 
-_data_dir = click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Data directory (SQLite database, results, demo model).  [default: ./retouch-data]",
-)
-_database_url = click.option("--database-url", help="SQLAlchemy database URL.")
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Secrets stay off the command line (visible to every user in `ps`).
+ENV_ONLY = frozenset({"secret_key"})
+
+
+def settings_options(*names: str) -> Callable[[F], F]:
+    """Add one flag per settings field (all of them when no names are given)."""
+    fields = Settings.model_fields
+    chosen = names or tuple(name for name in fields if name not in ENV_ONLY)
+
+    def decorate(func: F) -> F:
+        for name in reversed(chosen):
+            func = _option(name, fields[name])(func)
+        return func
+
+    return decorate
+
+
+def _option(name: str, field: FieldInfo) -> Callable[[F], F]:
+    flag = "--" + name.replace("_", "-")
+    default = "" if field.default is None else f"default: {field.default}; "
+    help_text = f"{field.description or ''}  [{default}env: RETOUCH_{name.upper()}]"
+    annotation = _without_none(field.annotation)
+    if annotation is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    click_type: Any
+    if typing.get_origin(annotation) is Literal:
+        click_type = click.Choice([str(arg) for arg in typing.get_args(annotation)])
+    elif annotation is Path:
+        click_type = click.Path(path_type=Path, file_okay=False)
+    else:
+        click_type = annotation
+    return click.option(flag, name, type=click_type, default=None, help=help_text)
+
+
+def _without_none(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        remaining = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return remaining[0] if len(remaining) == 1 else annotation
+    return annotation
 
 
 def build_settings(**options: Any) -> Settings:
@@ -32,6 +71,9 @@ def build_settings(**options: Any) -> Settings:
         raise click.UsageError(f"invalid settings: {problems}") from None
 
 
+_store_options = settings_options("data_dir", "database_url")
+
+
 @click.group()
 @click.version_option(__version__, prog_name="retouch")
 def main() -> None:
@@ -39,29 +81,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--host", help="Interface to listen on.  [default: 127.0.0.1]")
-@click.option("--port", type=int, help="Port to listen on.  [default: 8000]")
-@_data_dir
-@_database_url
-@click.option(
-    "--model",
-    help="`demo` (tiny random weights, CPU), a Hugging Face id such as "
-    "Qwen/Qwen-Image-Edit-2511, or a local checkpoint directory.  [default: demo]",
-)
-@click.option("--model-name", help="API name of the model.  [default: qwen-image-edit]")
-@click.option("--family", type=click.Choice(["auto", "edit", "edit-plus"]))
-@click.option("--steps", type=int, help="Denoising steps (default: the model's own).")
-@click.option("--true-cfg-scale", type=float)
-@click.option("--device", help="Torch device, e.g. cuda:0 or cpu.  [default: cuda if present]")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]))
-@click.option("--public-url", help="Base URL of result links (behind a proxy).")
-@click.option("--result-ttl-seconds", type=int, help="Result link lifetime.  [default: 86400]")
-@click.option(
-    "--allow-private-networks/--no-allow-private-networks",
-    default=None,
-    help="Let image URLs reach private and loopback addresses.  [default: off]",
-)
-@click.option("--worker/--no-worker", default=None, help="Run the in-process worker.")
+@settings_options()
 def serve(**options: Any) -> None:
     """Serve the API with an in-process worker (SQLite and local files by default)."""
     from retouch.server import StartupError, configure_logging
@@ -78,19 +98,18 @@ def serve(**options: Any) -> None:
 
 @main.group()
 def keys() -> None:
-    """Create and list API keys."""
+    """Create, list and revoke API keys."""
 
 
 @keys.command("create")
 @click.option("--name", required=True, help="Who the key is for.")
 @click.option("--group", type=click.Choice(["default", "vip"]), default="default")
-@_data_dir
-@_database_url
-def keys_create(name: str, group: str, data_dir: Path | None, database_url: str | None) -> None:
+@_store_options
+def keys_create(name: str, group: str, **options: Any) -> None:
     """Create a key and print it once; only its digest is stored."""
     from retouch.server import open_store
 
-    store = open_store(build_settings(data_dir=data_dir, database_url=database_url))
+    store = open_store(build_settings(**options))
     key, secret = store.create_key(name, user_group=group)
     click.echo(secret)
     click.echo(
@@ -100,14 +119,12 @@ def keys_create(name: str, group: str, data_dir: Path | None, database_url: str 
 
 
 @keys.command("list")
-@_data_dir
-@_database_url
-def keys_list(data_dir: Path | None, database_url: str | None) -> None:
+@_store_options
+def keys_list(**options: Any) -> None:
     """List keys (never their secrets)."""
     from retouch.server import open_store
 
-    store = open_store(build_settings(data_dir=data_dir, database_url=database_url))
-    rows = store.list_keys()
+    rows = open_store(build_settings(**options)).list_keys()
     if not rows:
         click.echo("No keys yet: retouch keys create --name NAME", err=True)
         return
@@ -123,14 +140,12 @@ def keys_list(data_dir: Path | None, database_url: str | None) -> None:
 
 @keys.command("revoke")
 @click.argument("key_id")
-@_data_dir
-@_database_url
-def keys_revoke(key_id: str, data_dir: Path | None, database_url: str | None) -> None:
+@_store_options
+def keys_revoke(key_id: str, **options: Any) -> None:
     """Revoke a key: it answers 401 from now on."""
     from retouch.server import open_store
 
-    store = open_store(build_settings(data_dir=data_dir, database_url=database_url))
-    if not store.revoke_key(key_id):
+    if not open_store(build_settings(**options)).revoke_key(key_id):
         raise click.ClickException(f"no active key with id {key_id!r}")
     click.echo(f"Revoked {key_id}.", err=True)
 
@@ -146,11 +161,10 @@ def demo_model(directory: Path) -> None:
 
 
 @main.command()
-@_data_dir
-@_database_url
-def migrate(data_dir: Path | None, database_url: str | None) -> None:
+@_store_options
+def migrate(**options: Any) -> None:
     """Create or upgrade the database schema."""
     from retouch.server import open_store
 
-    open_store(build_settings(data_dir=data_dir, database_url=database_url)).close()
+    open_store(build_settings(**options)).close()
     click.echo("The database schema is up to date.", err=True)

@@ -6,6 +6,7 @@ a CLI flag of the same name; nothing here is read at import time.
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -26,8 +27,8 @@ class Settings(BaseSettings):
     )
 
     # HTTP server.
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="Interface to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
     public_url: str | None = Field(
         default=None,
         description="Base URL used in result links; default: the URL the request came in on.",
@@ -40,28 +41,62 @@ class Settings(BaseSettings):
         description="`demo`, `fixture`, a Hugging Face id or a local checkpoint directory.",
     )
     model_name: str = Field(default=DEFAULT_MODEL_NAME, description="API name of the model.")
-    family: Literal["auto", "edit", "edit-plus"] = "auto"
-    steps: int | None = Field(default=None, ge=1, le=200, description="Denoising steps.")
-    true_cfg_scale: float | None = Field(default=None, ge=1.0, le=20.0)
-    device: str | None = Field(default=None, description="Torch device; default cuda if present.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    family: Literal["auto", "edit", "edit-plus"] = Field(
+        default="auto",
+        description="Pipeline family: `edit` (QwenImageEditPipeline, one image), `edit-plus` "
+        "(QwenImageEditPlusPipeline, 1-3 images) or `auto` (read from the checkpoint).",
+    )
+    steps: int | None = Field(
+        default=None, ge=1, le=200, description="Denoising steps; default: the model's own."
+    )
+    true_cfg_scale: float | None = Field(
+        default=None, ge=1.0, le=20.0, description="True CFG scale; default: the model's own."
+    )
+    device: str | None = Field(
+        default=None, description="Torch device, e.g. `cuda:0`; default: cuda if present, else cpu."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights dtype; `auto`: bfloat16 on CUDA, float32 on CPU."
+    )
     price: float = Field(default=1.0, ge=0, description="Credits per image produced.")
     worker: bool = Field(default=True, description="Run the in-process worker.")
 
     # Tasks and results.
-    result_ttl_seconds: int = Field(default=24 * 3600, ge=1)
-    janitor_interval_seconds: float = Field(default=300.0, gt=0)
-    lease_seconds: float = Field(default=60.0, gt=1)
-    max_attempts: int = Field(default=2, ge=1, le=10)
-    poll_interval_seconds: float = Field(default=0.2, gt=0)
+    result_ttl_seconds: int = Field(
+        default=24 * 3600, ge=1, description="How long result links (and files) live."
+    )
+    janitor_interval_seconds: float = Field(
+        default=300.0, gt=0, description="How often expired result files are deleted."
+    )
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=1,
+        description="A running task returns to the queue this long after "
+        "its worker was last heard from.",
+    )
+    max_attempts: int = Field(
+        default=2, ge=1, le=10, description="Runs of a task whose worker died before it fails."
+    )
+    poll_interval_seconds: float = Field(
+        default=0.2, gt=0, description="How often an idle worker looks for work."
+    )
     secret_key: str | None = Field(
-        default=None, description="Signs result links; default: generated in the data directory."
+        default=None,
+        description="Signs result links (environment only); default: generated once into "
+        "the data directory.",
     )
 
     # Fetching input images.
-    allow_private_networks: bool = False
-    fetch_timeout_seconds: float = Field(default=30.0, gt=0)
-    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    allow_private_networks: bool = Field(
+        default=False,
+        description="Let image URLs reach loopback and private addresses (intranets, tests).",
+    )
+    fetch_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Time allowed to download one input image."
+    )
+    max_image_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=1024, description="Largest input image download."
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -89,6 +124,15 @@ class Settings(BaseSettings):
         path = self.data_dir / "secret.key"
         if not path.exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_urlsafe(32))
+            # Written aside, then linked into place: readers never see it half-written.
+            staging = path.with_name(f".secret-{secrets.token_hex(6)}")
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(32))
+            try:
+                os.link(staging, path)
+            except FileExistsError:
+                pass  # another process created it first; use theirs
+            finally:
+                staging.unlink()
         return path.read_text().strip().encode()

@@ -119,7 +119,13 @@ class DiffusersEngine:
 
 def detect_family(checkpoint: str) -> Family:
     """Read the pipeline class from the checkpoint's `model_index.json`."""
-    index = Path(checkpoint) / "model_index.json"
+    path = Path(checkpoint).expanduser()
+    if _looks_like_a_path(checkpoint) and not path.is_dir():
+        raise ModelLoadError(
+            f"There is no checkpoint directory at {checkpoint!r}; pass --model an existing "
+            "directory, a Hugging Face id such as Qwen/Qwen-Image-Edit-2511, or `demo`."
+        )
+    index = path / "model_index.json"
     if index.is_file():
         class_name = json.loads(index.read_text()).get("_class_name")
     else:
@@ -141,6 +147,11 @@ def detect_family(checkpoint: str) -> Family:
         f"{checkpoint!r} is a {class_name or 'unknown'} checkpoint; Retouch serves "
         "QwenImageEditPipeline and QwenImageEditPlusPipeline checkpoints."
     )
+
+
+def _looks_like_a_path(checkpoint: str) -> bool:
+    """Hugging Face ids are `org/name`; anything else with a slash is a path."""
+    return checkpoint.startswith(("/", ".", "~")) or checkpoint.count("/") > 1
 
 
 def _placement(device: str | None, dtype: str) -> tuple[str, Any]:

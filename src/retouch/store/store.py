@@ -21,6 +21,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -168,9 +169,11 @@ class Store:
 
     def queue_position(self, task: Task) -> int:
         """How many pending tasks will be started before this one."""
-        query = select(func.count()).where(
-            tasks.c.status == _PENDING, tasks.c.created_at < task.created_at
+        ahead = or_(
+            tasks.c.created_at < task.created_at,
+            and_(tasks.c.created_at == task.created_at, tasks.c.id < task.id),
         )
+        query = select(func.count()).where(tasks.c.status == _PENDING, ahead)
         with self._read() as conn:
             return int(conn.execute(query).scalar_one())
 
@@ -350,7 +353,7 @@ class Store:
             select(tasks.c.id, tasks.c.result_keys)
             .where(
                 tasks.c.results_purged.is_(False),
-                tasks.c.results_expire_at < self.clock.now(),
+                tasks.c.results_expire_at <= self.clock.now(),
             )
             .limit(limit)
         )

@@ -1,0 +1,119 @@
+"""Restart safety with real processes and real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import ImageHost, ServeProcess, png_bytes, retouch_cli, wait_for
+
+pytestmark = pytest.mark.acceptance
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_kill_9_mid_denoise_then_restart_runs_every_task(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    secret = retouch_cli("keys", "create", "--name", "alice", "--data-dir", str(data_dir)).stdout
+    headers = {"Authorization": f"Bearer {secret.strip()}"}
+    host = ImageHost()
+    image = host.add("/cat.png", png_bytes((512, 512)))
+    body = {
+        "model": "qwen-image-edit",
+        "prompt": "make it night",
+        "image_urls": [image],
+        "size": "512x512",
+    }
+    slow = ServeProcess(data_dir, "--model", "demo", "--allow-private-networks", "--steps", "60")
+    slow.start()
+    try:
+        with httpx.Client(base_url=slow.url, headers=headers, timeout=10) as http:
+            running = http.post("/v1/images/generations", json=body).json()
+            queued = http.post("/v1/images/generations", json=body).json()
+            wait_for(
+                lambda: http.get(f"/v1/tasks/{running['id']}").json()["progress"] > 0,
+                timeout=90,
+            )
+        assert slow.process is not None
+        workers = children_of(slow.process.pid)
+        assert workers, "the server runs its worker in a child process"
+        assert slow.kill(signal.SIGKILL) == -signal.SIGKILL
+        # The worker child follows the server down instead of holding the task.
+        wait_for(lambda: not any(alive(pid) for pid in workers), timeout=10)
+    finally:
+        slow.stop()
+
+    fast = ServeProcess(data_dir, "--model", "demo", "--allow-private-networks", "--steps", "2")
+    fast.start()
+    try:
+        with httpx.Client(base_url=fast.url, headers=headers, timeout=10) as http:
+
+            def finished(task: dict[str, Any]) -> dict[str, Any] | None:
+                detail = dict(http.get(f"/v1/tasks/{task['id']}").json())
+                return detail if detail["status"] not in ("pending", "processing") else None
+
+            rerun = wait_for(lambda: finished(running), timeout=120)
+            after = wait_for(lambda: finished(queued), timeout=120)
+        assert rerun["status"] == "completed", rerun
+        assert after["status"] == "completed", after
+        assert httpx.get(rerun["results"][0]).status_code == 200
+        assert "were running when the server last stopped" in fast.log()
+    finally:
+        fast.stop()
+        host.close()
+
+
+def test_a_model_that_cannot_load_stops_startup_with_one_sentence(tmp_path: Path) -> None:
+    result = retouch_cli(
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port",
+        "1",
+        "--model",
+        str(tmp_path / "no-such-checkpoint"),
+        check=False,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("retouch: ") and "no-such-checkpoint" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_two_servers_cannot_share_a_data_directory(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = ServeProcess(data_dir, "--model", "fixture")
+    first.start()
+    try:
+        second = retouch_cli(
+            "serve", "--data-dir", str(data_dir), "--model", "fixture", "--port", "1", check=False
+        )
+        assert second.returncode == 1
+        assert "Another `retouch serve` is already using" in second.stderr
+    finally:
+        first.stop()

@@ -1,0 +1,150 @@
+"""A real `retouch serve --model demo` process, driven over HTTP like a user would."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.support import ImageHost, ServeProcess, png_bytes, retouch_cli, wait_for
+
+pytestmark = pytest.mark.acceptance
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serve") / "data"
+
+
+@pytest.fixture(scope="module")
+def keys(data_dir: Path) -> dict[str, str]:
+    made = {
+        name: retouch_cli(
+            "keys", "create", "--name", name, "--data-dir", str(data_dir)
+        ).stdout.strip()
+        for name in ("alice", "bob")
+    }
+    listing = retouch_cli("keys", "list", "--data-dir", str(data_dir)).stdout
+    assert "alice" in listing and "bob" in listing
+    for secret in made.values():
+        assert secret.startswith("rt_") and secret not in listing
+    return made
+
+
+@pytest.fixture(scope="module")
+def server(data_dir: Path, keys: dict[str, str]) -> Iterator[ServeProcess]:
+    process = ServeProcess(
+        data_dir, "--model", "demo", "--allow-private-networks", "--steps", str(STEPS)
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[ImageHost]:
+    image_host = ImageHost()
+    image_host.add("/cat.png", png_bytes((640, 480), (220, 120, 40)))
+    yield image_host
+    image_host.close()
+
+
+def client(server: ServeProcess, secret: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {secret}"}, timeout=10
+    )
+
+
+def submit(server: ServeProcess, secret: str, host: ImageHost) -> dict[str, Any]:
+    with client(server, secret) as http:
+        response = http.post(
+            "/v1/images/generations",
+            json={
+                "model": "qwen-image-edit",
+                "prompt": "replace the background",
+                "image_urls": [host.url("/cat.png")],
+                "size": "512x512",
+            },
+        )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def test_the_admin_hint_tells_how_to_create_a_key(server: ServeProcess) -> None:
+    assert "retouch keys create --name" in server.log()
+
+
+def test_an_edit_end_to_end(server: ServeProcess, keys: dict[str, str], host: ImageHost) -> None:
+    task = submit(server, keys["alice"], host)
+    assert task["status"] == "pending" and task["task_info"]["can_cancel"] is True
+    statuses, progress, latencies = [], [], []
+    with client(server, keys["alice"]) as http:
+        while True:
+            start = time.perf_counter()
+            detail = http.get(f"/v1/tasks/{task['id']}").json()
+            latencies.append(time.perf_counter() - start)
+            statuses.append(detail["status"])
+            progress.append(detail["progress"])
+            if detail["status"] not in ("pending", "processing"):
+                break
+            time.sleep(0.05)
+    assert detail["status"] == "completed", detail
+    assert "processing" in statuses
+    assert progress == sorted(progress) and progress[-1] == 100
+    # Real denoising steps, one by one: several distinct values below 100.
+    assert len({p for p in progress if 0 < p < 100}) >= 3
+    # The engine runs in its own process: polls stay fast while it computes.
+    assert statistics.median(latencies) < 0.25, latencies
+    link = detail["results"][0]
+    image = Image.open(io.BytesIO(httpx.get(link).content))  # no key needed
+    assert (image.format, image.size) == ("PNG", (512, 512))
+
+
+def test_cancel_a_running_edit(server: ServeProcess, keys: dict[str, str], host: ImageHost) -> None:
+    task = submit(server, keys["alice"], host)
+    with client(server, keys["alice"]) as http:
+        wait_for(
+            lambda: http.get(f"/v1/tasks/{task['id']}").json()["progress"] > 0,
+            timeout=60,
+            interval=0.02,
+        )
+        cancelled = http.post(f"/v1/tasks/{task['id']}/cancel").json()
+        at_cancel = cancelled["progress"]
+        final = wait_for(
+            lambda: (
+                (d := http.get(f"/v1/tasks/{task['id']}").json())["status"] == "cancelled" and d
+            ),
+            timeout=30,
+        )
+    one_step = 100 // STEPS + 1
+    assert final["progress"] <= at_cancel + one_step
+    assert final["task_info"]["can_cancel"] is False and "results" not in final
+
+
+def test_tasks_are_private_to_their_key(
+    server: ServeProcess, keys: dict[str, str], host: ImageHost
+) -> None:
+    task = submit(server, keys["alice"], host)
+    with client(server, keys["bob"]) as http:
+        theirs = http.get(f"/v1/tasks/{task['id']}")
+        missing = http.get(f"/v1/tasks/{task['id'][:-8]}00000000")
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json()["error"]["type"] == missing.json()["error"]["type"] == "not_found_error"
+    with client(server, keys["alice"]) as http:
+        assert http.post(f"/v1/tasks/{task['id']}/cancel").status_code == 200
+
+
+def test_a_wrong_key_is_refused(server: ServeProcess) -> None:
+    with client(server, "rt_wrong") as http:
+        response = http.get("/v1/tasks/task-unified-1-aaaaaaaa")
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"

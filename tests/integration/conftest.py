@@ -1,0 +1,74 @@
+"""A live API (uvicorn on loopback) over a real store, with an optional worker thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from retouch.api.app import create_app
+from retouch.api.service import ServedModel, TaskService
+from retouch.clock import FakeClock
+from retouch.engine.base import Engine
+from retouch.fetch import ImageFetcher
+from retouch.janitor import Janitor
+from retouch.storage import LocalResultStorage
+from retouch.store import Store
+from retouch.worker import Worker, WorkerConfig
+from tests.support import LiveServer
+
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+@dataclass
+class Api:
+    url: str
+    store: Store
+    storage: LocalResultStorage
+    clock: FakeClock
+    secret: str
+    workers: list[tuple[Worker, threading.Thread]] = field(default_factory=list)
+
+    def client(self, secret: str | None = None) -> httpx.Client:
+        token = self.secret if secret is None else secret
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+    def start_worker(self, engine: Engine, lease_seconds: float = 30.0) -> Worker:
+        worker = Worker(
+            self.store,
+            self.storage,
+            engine,
+            ImageFetcher(allow_private_networks=True, timeout_seconds=5),
+            WorkerConfig(lease_seconds=lease_seconds, poll_interval_seconds=0.02),
+            clock=self.clock,
+        )
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        self.workers.append((worker, thread))
+        return worker
+
+    def janitor(self) -> Janitor:
+        return Janitor(self.store, self.storage, max_attempts=2, interval_seconds=60)
+
+    def stop_workers(self) -> None:
+        for worker, thread in self.workers:
+            worker.stopping.set()
+            thread.join(10)
+        self.workers.clear()
+
+
+@pytest.fixture
+def api(store: Store, clock: FakeClock, tmp_path: Path) -> Iterator[Api]:
+    storage = LocalResultStorage(tmp_path / "results", b"test-secret", clock)
+    service = TaskService(store, storage, clock, [ServedModel("qwen-image-edit", price=1.5)])
+    server = LiveServer(create_app(service, max_request_bytes=MAX_REQUEST_BYTES))
+    _key, secret = store.create_key("alice")
+    live = Api(server.url, store, storage, clock, secret)
+    yield live
+    live.stop_workers()
+    server.close()

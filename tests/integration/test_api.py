@@ -1,0 +1,405 @@
+"""The HTTP API over a real server, store and worker (fixture engine)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from retouch.engine.fixture import FixtureEngine
+from retouch.tasks import TaskStatus
+from tests.integration.conftest import MAX_REQUEST_BYTES, Api
+from tests.support import ImageHost, png_bytes, wait_for
+
+GENERATIONS = "/v1/images/generations"
+
+
+def edit(image_urls: list[str], **extra: Any) -> dict[str, Any]:
+    return {"model": "qwen-image-edit", "prompt": "make it blue", "image_urls": image_urls, **extra}
+
+
+def create(api: Api, body: dict[str, Any]) -> dict[str, Any]:
+    with api.client() as client:
+        response = client.post(GENERATIONS, json=body)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def task_detail(api: Api, task_id: str) -> dict[str, Any]:
+    with api.client() as client:
+        response = client.get(f"/v1/tasks/{task_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def wait_status(api: Api, task_id: str, *statuses: str, timeout: float = 20) -> dict[str, Any]:
+    return dict(
+        wait_for(
+            lambda: (d := task_detail(api, task_id))["status"] in statuses and d,
+            timeout=timeout,
+            what=f"{task_id} to become {statuses}",
+        )
+    )
+
+
+def assert_error(
+    response: httpx.Response, status: int, type_: str, param: str | None = None
+) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert error["code"] == status and error["type"] == type_
+    assert isinstance(error["message"], str) and error["message"]
+    assert set(error) <= {"code", "message", "type", "param", "fallback_suggestion"}
+    assert error.get("param") == param
+    assert "Traceback" not in response.text
+    return dict(error)
+
+
+# -- the happy path ------------------------------------------------------
+
+
+def test_create_returns_the_seeds_task_object(api: Api) -> None:
+    body = create(api, edit(["https://example.com/cat.png"], n=2))
+    assert re.fullmatch(rf"task-unified-{body['created']}-[a-z0-9]{{8}}", body["id"])
+    assert body == {
+        "created": int(api.clock.now().timestamp()),
+        "id": body["id"],
+        "model": "qwen-image-edit",
+        "object": "image.generation.task",
+        "progress": 0,
+        "status": "pending",
+        "task_info": {"can_cancel": True, "estimated_time": 30},
+        "type": "image",
+        "usage": {"billing_rule": "per_call", "credits_reserved": 3.0, "user_group": "default"},
+    }
+
+
+def test_curl_style_form_content_type_is_read_as_json(api: Api) -> None:
+    with api.client() as client:
+        response = client.post(
+            GENERATIONS,
+            content=b'{"model":"qwen-image-edit","prompt":"x","image_urls":["http://a.b/c.png"]}',
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+    assert response.status_code == 200 and response.json()["status"] == "pending"
+
+
+def test_edit_runs_to_completion_with_downloadable_results(api: Api, image_host: ImageHost) -> None:
+    engine = FixtureEngine(step_seconds=0.05, default_steps=10)
+    api.start_worker(engine)
+    first = image_host.add("/cat.png", png_bytes((640, 480), (10, 200, 30)))
+    second = image_host.add("/ref", png_bytes((400, 400)), **{"Content-Type": "text/plain"})
+    task = create(api, edit([first, second], n=2, seed=5, size="512x768"))
+    seen: list[int] = []
+    done = wait_for(
+        lambda: (
+            (d := task_detail(api, task["id"]), seen.append(d["progress"]))[0]["status"]
+            == "completed"
+            and d
+        ),
+        interval=0.01,
+    )
+    assert seen == sorted(seen), "progress never goes backwards"
+    assert any(0 < p < 100 for p in seen), "progress was reported while denoising"
+    assert done["progress"] == 100 and done["task_info"] == {
+        "can_cancel": False,
+        "estimated_time": 0,
+    }
+    assert len(done["results"]) == 2
+    for link in done["results"]:
+        assert link.startswith(api.url)
+        download = httpx.get(link)  # no API key
+        assert download.status_code == 200
+        assert download.headers["content-type"] == "image/png"
+        image = Image.open(__import__("io").BytesIO(download.content))
+        assert image.size == (512, 768)
+    assert image_host.requests.count("/cat.png") == 1
+
+
+def test_estimate_uses_queue_and_recent_runs(api: Api, image_host: ImageHost) -> None:
+    url = image_host.add("/a.png", png_bytes())
+    first = create(api, edit([url]))
+    api.clock.advance(1)
+    second = create(api, edit([url]))
+    assert second["task_info"]["estimated_time"] == 2 * first["task_info"]["estimated_time"]
+
+
+# -- cancellation ----------------------------------------------------------
+
+
+def test_cancel_pending_is_immediate(api: Api) -> None:
+    task = create(api, edit(["https://example.com/a.png"]))
+    with api.client() as client:
+        response = client.post(f"/v1/tasks/{task['id']}/cancel")
+        again = client.post(f"/v1/tasks/{task['id']}/cancel")
+    assert response.status_code == again.status_code == 200
+    assert response.json()["status"] == "cancelled"
+    assert response.json()["task_info"]["can_cancel"] is False
+    assert task_detail(api, task["id"])["status"] == "cancelled"
+
+
+def test_cancel_running_stops_within_one_step(api: Api, image_host: ImageHost) -> None:
+    engine = FixtureEngine(step_seconds=0.1, default_steps=200)
+    api.start_worker(engine)
+    task = create(api, edit([image_host.add("/a.png", png_bytes())]))
+    wait_for(lambda: task_detail(api, task["id"])["progress"] >= 2)
+    with api.client() as client:
+        response = client.post(f"/v1/tasks/{task['id']}/cancel")
+    assert response.status_code == 200
+    assert response.json()["task_info"]["can_cancel"] is False
+    progress_at_cancel = response.json()["progress"]
+    done = wait_status(api, task["id"], "cancelled", timeout=5)
+    # One step is 0.5 % here: the run stopped within a step of the request.
+    assert done["progress"] <= progress_at_cancel + 1
+    assert "results" not in done
+    # The worker is free for the next task.
+    engine.default_steps = 2
+    nxt = create(api, edit([image_host.url("/a.png")]))
+    wait_status(api, nxt["id"], "completed")
+
+
+def test_cancel_a_completed_task_conflicts(api: Api, image_host: ImageHost) -> None:
+    api.start_worker(FixtureEngine())
+    task = create(api, edit([image_host.add("/a.png", png_bytes())]))
+    wait_status(api, task["id"], "completed")
+    with api.client() as client:
+        response = client.post(f"/v1/tasks/{task['id']}/cancel")
+    assert_error(response, 409, "conflict_error", "task_id")
+
+
+# -- failures inside the task ---------------------------------------------
+
+
+def test_bad_input_image_fails_the_task_naming_the_url(api: Api, image_host: ImageHost) -> None:
+    api.start_worker(FixtureEngine())
+    good = image_host.add("/good.png", png_bytes())
+    small = image_host.add("/small.png", png_bytes((200, 180)))
+    task = create(api, edit([good, small]))
+    failed = wait_status(api, task["id"], "failed")
+    assert failed["error"]["param"] == "image_urls[1]"
+    assert failed["error"]["type"] == "invalid_request_error"
+    assert "200x180" in failed["error"]["message"]
+    assert failed["task_info"]["can_cancel"] is False
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "body", "reason"),
+    [
+        ("/missing.png", 404, b"", "HTTP 404"),
+        ("/page.png", 200, b"<html>hello</html>", "not an image"),
+        ("/empty.png", 200, b"", "empty"),
+    ],
+)
+def test_unfetchable_inputs_fail_with_the_reason(
+    api: Api, image_host: ImageHost, path: str, status: int, body: bytes, reason: str
+) -> None:
+    api.start_worker(FixtureEngine())
+    if path != "/missing.png":
+        image_host.add(path, body, status=status)
+    task = create(api, edit([image_host.url(path)]))
+    failed = wait_status(api, task["id"], "failed")
+    assert failed["error"]["param"] == "image_urls[0]" and reason in failed["error"]["message"]
+
+
+def test_private_addresses_are_refused_by_default(api: Api, image_host: ImageHost) -> None:
+    worker = api.start_worker(FixtureEngine())
+    worker.fetcher.allow_private_networks = False
+    task = create(api, edit([image_host.add("/a.png", png_bytes())]))
+    failed = wait_status(api, task["id"], "failed")
+    assert "non-public address" in failed["error"]["message"]
+    assert image_host.requests == [], "no connection reached the private address"
+
+
+def test_engine_error_fails_the_task_and_the_worker_goes_on(
+    api: Api, image_host: ImageHost
+) -> None:
+    engine = FixtureEngine(fail_with=RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    api.start_worker(engine)
+    url = image_host.add("/a.png", png_bytes())
+    task = create(api, edit([url]))
+    failed = wait_status(api, task["id"], "failed")
+    assert failed["error"]["code"] == 500
+    assert "ran out of memory" in failed["error"]["message"]
+    assert "Traceback" not in failed["error"]["message"]
+    engine.fail_with = None
+    healthy = create(api, edit([url]))
+    wait_status(api, healthy["id"], "completed")
+
+
+# -- links ----------------------------------------------------------------
+
+
+def test_links_expire_and_the_janitor_deletes_the_files(api: Api, image_host: ImageHost) -> None:
+    api.start_worker(FixtureEngine())
+    task = create(api, edit([image_host.add("/a.png", png_bytes())]))
+    link = wait_status(api, task["id"], "completed")["results"][0]
+    assert httpx.get(link).status_code == 200
+    result_dir = api.storage.root / task["id"]
+    assert result_dir.is_dir()
+    api.clock.advance(24 * 3600 - 1)
+    assert httpx.get(link).status_code == 200
+    assert api.janitor().purge_expired_results() == 0
+    api.clock.advance(1)
+    assert_error(httpx.get(link), 403, "permission_error", "expires")
+    assert api.janitor().purge_expired_results() == 1
+    assert not result_dir.exists()
+
+
+def test_tampered_links_are_refused(api: Api, image_host: ImageHost) -> None:
+    api.start_worker(FixtureEngine())
+    task = create(api, edit([image_host.add("/a.png", png_bytes())]))
+    link = wait_status(api, task["id"], "completed")["results"][0]
+    later = re.sub(r"expires=(\d+)", lambda m: f"expires={int(m[1]) + 86400}", link)
+    for bad in [later, link.replace("/0.png", "/1.png"), link[:-2] + "00", link.split("?")[0]]:
+        assert_error(httpx.get(bad), 403, "permission_error", "signature")
+
+
+# -- errors at the door ---------------------------------------------------
+
+
+def test_missing_and_invalid_keys_are_401(api: Api) -> None:
+    task = create(api, edit(["https://example.com/a.png"]))
+    for secret in ["", "rt_not-a-real-key"]:
+        with api.client(secret) as client:
+            for response in [
+                client.post(GENERATIONS, json=edit(["https://example.com/a.png"])),
+                client.get(f"/v1/tasks/{task['id']}"),
+                client.post(f"/v1/tasks/{task['id']}/cancel"),
+            ]:
+                assert_error(response, 401, "authentication_error")
+                assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_revoked_key_is_401_at_once(api: Api) -> None:
+    key, secret = api.store.create_key("bob")
+    with api.client(secret) as client:
+        assert client.post(GENERATIONS, json=edit(["https://a.example/a.png"])).status_code == 200
+        api.store.revoke_key(key.id)
+        assert_error(
+            client.post(GENERATIONS, json=edit(["https://a.example/a.png"])),
+            401,
+            "authentication_error",
+        )
+
+
+def test_authentication_is_checked_before_the_body(api: Api) -> None:
+    with api.client("") as client:
+        assert_error(client.post(GENERATIONS, content=b"not json"), 401, "authentication_error")
+
+
+def test_another_keys_task_is_404_exactly_like_a_missing_one(api: Api) -> None:
+    task = create(api, edit(["https://example.com/a.png"]))
+    _key, other = api.store.create_key("mallory")
+    fake_id = task["id"][:-8] + "zzzzzzzz"
+    with api.client(other) as client:
+        theirs = client.get(f"/v1/tasks/{task['id']}")
+        cancel = client.post(f"/v1/tasks/{task['id']}/cancel")
+    with api.client() as client:
+        missing = client.get(f"/v1/tasks/{fake_id}")
+    assert_error(theirs, 404, "not_found_error", "task_id")
+    assert_error(cancel, 404, "not_found_error", "task_id")
+    assert_error(missing, 404, "not_found_error", "task_id")
+    normalise = {"error": {**theirs.json()["error"], "message": "x"}}
+    assert normalise == {"error": {**missing.json()["error"], "message": "x"}}
+    assert theirs.json()["error"]["message"].replace(task["id"], "ID") == missing.json()["error"][
+        "message"
+    ].replace(fake_id, "ID")
+    assert task_detail(api, task["id"])["status"] == "pending"
+
+
+def test_unknown_model_is_404_with_a_suggestion(api: Api) -> None:
+    with api.client() as client:
+        response = client.post(GENERATIONS, json={**edit(["https://a.b/c.png"]), "model": "dall-e"})
+    error = assert_error(response, 404, "not_found_error", "model")
+    assert error["fallback_suggestion"] == "qwen-image-edit"
+
+
+@pytest.mark.parametrize(
+    ("content", "param", "fragment"),
+    [
+        (b"", None, "empty"),
+        (b"{not json", None, "not valid JSON"),
+        (b"[1, 2]", None, "JSON object"),
+        (b'{"model": "qwen-image-edit", "prompt": "x"}', "image_urls", "required"),
+        (b'{"model": 5, "prompt": "x", "image_urls": ["http://a.b/c"]}', "model", "string"),
+        (b'{"model": "qwen-image-edit", "prompt": "x", "image_urls": []}', "image_urls", "1-3"),
+    ],
+)
+def test_bad_bodies_are_400_naming_the_parameter(
+    api: Api, content: bytes, param: str | None, fragment: str
+) -> None:
+    with api.client() as client:
+        response = client.post(GENERATIONS, content=content)
+    error = assert_error(response, 400, "invalid_request_error", param)
+    assert fragment in error["message"]
+
+
+def test_oversized_body_is_413(api: Api) -> None:
+    huge = edit(["https://a.b/c.png"], negative_prompt="x" * MAX_REQUEST_BYTES)
+    with api.client() as client:
+        declared = client.post(GENERATIONS, json=huge)
+
+        def chunks() -> Any:
+            for _ in range(MAX_REQUEST_BYTES // 1024 + 2):
+                yield b" " * 1024
+
+        streamed = client.post(GENERATIONS, content=chunks())
+    assert_error(declared, 413, "request_too_large_error")
+    assert_error(streamed, 413, "request_too_large_error")
+
+
+def test_unknown_route_and_wrong_method(api: Api) -> None:
+    with api.client() as client:
+        missing = client.get("/v1/nothing-here")
+        wrong = client.delete(GENERATIONS)
+    assert_error(missing, 404, "not_found_error")
+    assert_error(wrong, 405, "invalid_request_error")
+    assert wrong.headers["allow"] == "POST"
+
+
+def test_internal_errors_are_500_without_a_traceback(api: Api) -> None:
+    with api.store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE tasks")
+    with api.client() as client:
+        response = client.get("/v1/tasks/task-unified-1-abcdefgh")
+    error = assert_error(response, 500, "internal_server_error")
+    assert error["message"] == "Internal server error"
+    assert "tasks" not in response.text and "sql" not in response.text.lower()
+
+
+def test_polls_stay_fast_while_the_engine_runs(api: Api, image_host: ImageHost) -> None:
+    api.start_worker(FixtureEngine(step_seconds=0.2, default_steps=50))
+    task = create(api, edit([image_host.add("/a.png", png_bytes())]))
+    wait_status(api, task["id"], "processing")
+    timings = []
+    with api.client() as client:
+        for _ in range(30):
+            start = time.perf_counter()
+            assert client.get(f"/v1/tasks/{task['id']}").status_code == 200
+            timings.append(time.perf_counter() - start)
+    assert sorted(timings)[len(timings) // 2] < 0.25
+    assert task_detail(api, task["id"])["status"] == TaskStatus.PROCESSING.value
+
+
+def test_openapi_uses_the_seed_names_and_documents_extensions(api: Api) -> None:
+    spec = httpx.get(f"{api.url}/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for name in ["QwenImageEditRequest", "ImageGenerationResponse", "TaskDetail", "TaskInfo",
+                 "Usage", "ErrorResponse"]:  # fmt: skip
+        assert name in schemas
+    assert "HTTPValidationError" not in schemas
+    assert schemas["QwenImageEditRequest"]["required"] == ["model", "prompt", "image_urls"]
+    assert "cancelled" in schemas["TaskDetail"]["properties"]["status"]["enum"]
+    create_op = spec["paths"]["/v1/images/generations"]["post"]
+    assert create_op["operationId"] == "createQwenImageEditGeneration"
+    assert "422" not in create_op["responses"]
+    assert {"400", "401", "404", "413"} <= set(create_op["responses"])
+    assert spec["paths"]["/v1/tasks/{task_id}"]["get"]["operationId"] == "getTaskDetail"
+    assert "/v1/tasks/{task_id}/cancel" in spec["paths"]
+    assert "bearerAuth" in spec["components"]["securitySchemes"]

@@ -1,0 +1,234 @@
+"""The store contract, run on every backend (SQLite; PostgreSQL where configured)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import inspect
+
+from retouch.clock import FakeClock
+from retouch.errors import ConflictError, NotFoundError
+from retouch.keys import ApiKey
+from retouch.store import Store, migrate
+from retouch.tasks import EditParams, Task, TaskError, TaskStatus, new_task_id
+
+LEASE = 30.0
+
+
+def make_task(store: Store, key: ApiKey, offset_seconds: float = 0.0) -> Task:
+    now = store.clock.now() + timedelta(seconds=offset_seconds)
+    task = Task(
+        id=new_task_id(int(now.timestamp())),
+        key_id=key.id,
+        model="qwen-image-edit",
+        status=TaskStatus.PENDING,
+        progress=0,
+        params=EditParams(prompt="edit", image_urls=["https://example.com/a.png"], n=2, seed=7),
+        created_at=now,
+        user_group=key.user_group,
+        credits_reserved=2.0,
+    )
+    store.create_task(task)
+    return task
+
+
+@pytest.fixture
+def key(store: Store) -> ApiKey:
+    return store.create_key("alice")[0]
+
+
+def test_migrate_is_idempotent(store: Store) -> None:
+    migrate(store.engine)
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"api_keys", "tasks", "alembic_version"} <= tables
+
+
+def test_keys_are_stored_hashed_and_found_by_secret(store: Store) -> None:
+    key, secret = store.create_key("bob", user_group="vip")
+    assert secret.startswith("rt_") and len(secret) > 40
+    found = store.find_active_key(secret)
+    assert found == key
+    assert store.find_active_key(secret + "x") is None
+    with store.engine.connect() as conn:
+        stored = conn.exec_driver_sql("SELECT key_hash, prefix FROM api_keys").all()
+    assert all(secret not in (row[0], row[1]) for row in stored)
+
+
+def test_revoked_key_is_not_found(store: Store) -> None:
+    key, secret = store.create_key("carol")
+    assert store.revoke_key(key.id)
+    assert store.find_active_key(secret) is None
+    assert not store.revoke_key(key.id)
+    assert [k.active for k in store.list_keys()] == [False]
+
+
+def test_task_round_trip(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    loaded = store.get_task(task.id, key.id)
+    assert loaded == task
+    assert loaded.created_at.tzinfo is not None
+
+
+def test_another_keys_task_is_invisible(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    other = store.create_key("mallory")[0]
+    assert store.get_task(task.id, other.id) is None
+    with pytest.raises(NotFoundError):
+        store.request_cancel(task.id, other.id)
+    assert store.get_task(task.id, key.id).status is TaskStatus.PENDING  # type: ignore[union-attr]
+
+
+def test_claim_takes_oldest_first_and_leases_it(store: Store, key: ApiKey) -> None:
+    second = make_task(store, key, offset_seconds=1)
+    first = make_task(store, key)
+    claimed = store.claim_next("w1", LEASE)
+    assert claimed is not None and claimed.id == first.id
+    assert claimed.status is TaskStatus.PROCESSING
+    assert claimed.lease_owner == "w1" and claimed.attempts == 1
+    assert claimed.lease_expires_at == store.clock.now() + timedelta(seconds=LEASE)
+    assert store.claim_next("w2", LEASE).id == second.id  # type: ignore[union-attr]
+    assert store.claim_next("w3", LEASE) is None
+
+
+def test_concurrent_claims_never_share_a_task(store: Store, key: ApiKey) -> None:
+    tasks = {make_task(store, key, offset_seconds=i).id for i in range(20)}
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claim_all(worker: str) -> None:
+        while (task := store.claim_next(worker, LEASE)) is not None:
+            with lock:
+                claimed.append(task.id)
+
+    threads = [threading.Thread(target=claim_all, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(tasks)
+
+
+def test_progress_and_finish_require_the_lease(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    assert store.set_progress(task.id, "w1", 40, LEASE)
+    assert not store.set_progress(task.id, "intruder", 90, LEASE)
+    assert not store.complete(task.id, "intruder", ["x"], store.clock.now())
+    assert store.get_task(task.id).progress == 40  # type: ignore[union-attr]
+    expires = store.clock.now() + timedelta(hours=24)
+    keys = [f"{task.id}/0.png", f"{task.id}/1.png"]
+    assert store.complete(task.id, "w1", keys, expires)
+    done = store.get_task(task.id)
+    assert done is not None and done.status is TaskStatus.COMPLETED
+    assert (done.progress, done.result_keys, done.results_expire_at) == (100, keys, expires)
+    assert done.lease_owner is None and done.finished_at == store.clock.now()
+    # A finished task cannot be finished again, by anyone.
+    assert not store.complete(task.id, "w1", keys, expires)
+    assert not store.fail(task.id, "w1", TaskError(500, "internal_server_error", "late"))
+
+
+def test_fail_records_the_error(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    error = TaskError(400, "invalid_request_error", "the image is 200x180", "image_urls[0]")
+    assert store.fail(task.id, "w1", error)
+    failed = store.get_task(task.id)
+    assert failed is not None and failed.status is TaskStatus.FAILED and failed.error == error
+
+
+def test_cancel_pending_is_immediate(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    cancelled = store.request_cancel(task.id, key.id)
+    assert cancelled.status is TaskStatus.CANCELLED and not cancelled.can_cancel
+    assert store.claim_next("w1", LEASE) is None
+    # Cancelling again is harmless.
+    assert store.request_cancel(task.id, key.id).status is TaskStatus.CANCELLED
+
+
+def test_cancel_running_flags_it_for_the_worker(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    assert not store.should_stop(task.id, "w1")
+    flagged = store.request_cancel(task.id, key.id)
+    assert flagged.status is TaskStatus.PROCESSING and flagged.cancel_requested
+    assert not flagged.can_cancel
+    assert store.should_stop(task.id, "w1")
+    assert store.cancel_running(task.id, "w1")
+    assert store.get_task(task.id).status is TaskStatus.CANCELLED  # type: ignore[union-attr]
+
+
+def test_cancel_finished_task_conflicts(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    store.complete(task.id, "w1", [], store.clock.now())
+    with pytest.raises(ConflictError, match="already completed"):
+        store.request_cancel(task.id, key.id)
+
+
+def test_lost_lease_means_should_stop(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    assert store.should_stop(task.id, "someone-else")
+
+
+def test_expired_lease_is_requeued_then_failed_after_max_attempts(
+    store: Store, key: ApiKey, clock: FakeClock
+) -> None:
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    clock.advance(LEASE - 1)
+    assert store.reap_expired_leases(max_attempts=2) == 0
+    clock.advance(2)
+    assert store.reap_expired_leases(max_attempts=2) == 1
+    requeued = store.get_task(task.id)
+    assert requeued is not None and requeued.status is TaskStatus.PENDING
+    assert requeued.lease_owner is None and requeued.attempts == 1
+    # The vanished worker can no longer write.
+    assert not store.set_progress(task.id, "w1", 50, LEASE)
+    store.claim_next("w2", LEASE)
+    clock.advance(LEASE + 1)
+    assert store.reap_expired_leases(max_attempts=2) == 1
+    failed = store.get_task(task.id)
+    assert failed is not None and failed.status is TaskStatus.FAILED
+    assert failed.error is not None and "stopped 2 time(s)" in failed.error.message
+
+
+def test_take_over_all_leases_at_startup(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    assert store.reap_expired_leases(max_attempts=3, all_leases=True) == 1
+    assert store.get_task(task.id).status is TaskStatus.PENDING  # type: ignore[union-attr]
+
+
+def test_release_does_not_count_the_attempt(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    assert store.release(task.id, "w1")
+    released = store.get_task(task.id)
+    assert released is not None and released.status is TaskStatus.PENDING
+    assert released.attempts == 0
+
+
+def test_queue_position_and_recent_durations(store: Store, key: ApiKey, clock: FakeClock) -> None:
+    first = make_task(store, key)
+    second = make_task(store, key, offset_seconds=1)
+    assert store.queue_position(first) == 0
+    assert store.queue_position(second) == 1
+    assert store.recent_task_seconds("qwen-image-edit") is None
+    store.claim_next("w1", LEASE)
+    clock.advance(12)
+    store.complete(first.id, "w1", [], clock.now())
+    assert store.recent_task_seconds("qwen-image-edit") == pytest.approx(12)
+
+
+def test_expired_results_listed_until_purged(store: Store, key: ApiKey, clock: FakeClock) -> None:
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    store.complete(task.id, "w1", [f"{task.id}/0.png"], clock.now() + timedelta(hours=1))
+    assert store.expired_results() == []
+    clock.advance(3601)
+    assert store.expired_results() == [(task.id, [f"{task.id}/0.png"])]
+    store.mark_results_purged([task.id])
+    assert store.expired_results() == []
