@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable
@@ -148,6 +149,80 @@ def keys_revoke(key_id: str, **options: Any) -> None:
     if not open_store(build_settings(**options)).revoke_key(key_id):
         raise click.ClickException(f"no active key with id {key_id!r}")
     click.echo(f"Revoked {key_id}.", err=True)
+
+
+@main.command()
+@click.option("--runs", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    help="Input image URL or file (repeat for several); default: a synthetic image.",
+)
+@click.option("--size", default="1024x1024", show_default=True, help="Output size WxH.")
+@click.option("--prompt", default="Replace the background with a beach at sunset")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run.")
+@settings_options(
+    "model", "models_file", "model_name", "family", "steps", "true_cfg_scale", "device",
+    "dtype", "offload", "compile", "quantize", "quantize_text_encoder", "lora",
+    "lora_weight", "lora_steps", "lora_true_cfg_scale", "data_dir", "allow_private_networks",
+)  # fmt: skip
+def bench(
+    runs: int, images: tuple[str, ...], size: str, prompt: str, as_json: bool, **options: Any
+) -> None:
+    """Run edits through the engine and print the time of every stage."""
+    import json
+
+    from retouch.api.schemas import parse_size
+    from retouch.bench import load_inputs, run_once, summary
+    from retouch.engine.base import EditJob
+    from retouch.engine.loader import engine_options, load_engine
+    from retouch.errors import InvalidInputError, ModelLoadError
+    from retouch.fetch import ImageFetcher
+    from retouch.models import ModelsFileError
+
+    settings = build_settings(**options)
+    try:
+        width, height = parse_size(size)
+        spec = settings.model_specs()[0]
+        started = time.perf_counter()
+        engine = load_engine(spec, engine_options(settings))
+        click.echo(
+            f"loaded {spec.name} ({spec.checkpoint}) in {time.perf_counter() - started:.1f} s",
+            err=True,
+        )
+        fetcher = ImageFetcher(allow_private_networks=settings.allow_private_networks)
+        inputs, fetch_seconds = load_inputs(list(images), fetcher, (width, height))
+    except (ValueError, ModelLoadError, ModelsFileError, InvalidInputError) as exc:
+        raise click.ClickException(str(exc)) from None
+    job = EditJob(
+        images=inputs,
+        prompt=prompt,
+        seed=0,
+        steps=spec.effective_steps,
+        true_cfg_scale=spec.effective_true_cfg_scale,
+        negative_prompt=spec.negative_prompt,
+        width=width,
+        height=height,
+    )
+    results = []
+    for index in range(runs):
+        times = run_once(engine, job, fetch_seconds)
+        results.append(times)
+        row = {"run": index + 1, "steps": times.steps, **times.row()}
+        click.echo(json.dumps(row) if as_json else _bench_line(row))
+    mean = summary(results)
+    click.echo(
+        json.dumps({"run": "mean", **mean}) if as_json else _bench_line({"run": "mean", **mean})
+    )
+
+
+def _bench_line(row: dict[str, Any]) -> str:
+    cells = [
+        f"{name}={value:.3f}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in row.items()
+    ]
+    return "  ".join(cells)
 
 
 @main.command("demo-model")

@@ -112,8 +112,8 @@ class ServiceUnavailableError(RetouchError):
     default_suggestion = "retry after 30 seconds"
 
 
-class InputImageError(InvalidRequestError):
-    """An input image could not be fetched or is not acceptable; `param` names which one."""
+class InvalidInputError(InvalidRequestError):
+    """A task's input (an image, the prompt) is not acceptable; `param` names which one."""
 
 
 class ModelLoadError(Exception):

@@ -15,7 +15,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from retouch.errors import InputImageError
+from retouch.errors import InvalidInputError
 
 MAX_REDIRECTS = 3
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -53,7 +53,7 @@ class ImageFetcher:
         self._client.close()
 
     def fetch(self, url: str, param: str) -> bytes:
-        """The body at `url`, or `InputImageError` naming `param` and the reason."""
+        """The body at `url`, or `InvalidInputError` naming `param` and the reason."""
         deadline = time.monotonic() + self.timeout_seconds
         seen: set[str] = set()
         for _ in range(MAX_REDIRECTS + 1):
@@ -64,8 +64,8 @@ class ImageFetcher:
                 return body
             url = urljoin(url, location)
             if url in seen:
-                raise InputImageError(f"the URL redirects in a loop (to {url})", param=param)
-        raise InputImageError(f"the URL redirects more than {MAX_REDIRECTS} times", param=param)
+                raise InvalidInputError(f"the URL redirects in a loop (to {url})", param=param)
+        raise InvalidInputError(f"the URL redirects more than {MAX_REDIRECTS} times", param=param)
 
     def _get(self, url: str, param: str, deadline: float) -> tuple[str | None, bytes]:
         """GET one hop: the redirect target, or no target and the body."""
@@ -74,39 +74,39 @@ class ImageFetcher:
                 if response.status_code in _REDIRECTS:
                     location = response.headers.get("location")
                     if not location:
-                        raise InputImageError(
+                        raise InvalidInputError(
                             f"the URL answered {response.status_code} without a Location",
                             param=param,
                         )
                     return location, b""
                 if response.status_code != 200:
-                    raise InputImageError(
+                    raise InvalidInputError(
                         f"downloading the image failed: the server answered HTTP "
                         f"{response.status_code}",
                         param=param,
                     )
                 return None, self._read_capped(response, param, deadline)
         except httpx.TimeoutException:
-            raise InputImageError(
+            raise InvalidInputError(
                 f"downloading the image timed out after {self.timeout_seconds:g} s", param=param
             ) from None
         except httpx.HTTPError as exc:
-            raise InputImageError(
+            raise InvalidInputError(
                 f"downloading the image failed: {type(exc).__name__}: {exc}", param=param
             ) from None
 
     def _read_capped(self, response: httpx.Response, param: str, deadline: float) -> bytes:
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            raise InputImageError(self._too_large(), param=param)
+            raise InvalidInputError(self._too_large(), param=param)
         chunks: list[bytes] = []
         size = 0
         for chunk in response.iter_bytes():
             size += len(chunk)
             if size > self.max_bytes:
-                raise InputImageError(self._too_large(), param=param)
+                raise InvalidInputError(self._too_large(), param=param)
             if time.monotonic() > deadline:
-                raise InputImageError(
+                raise InvalidInputError(
                     f"downloading the image took longer than {self.timeout_seconds:g} s",
                     param=param,
                 )
@@ -119,26 +119,26 @@ class ImageFetcher:
     def _check_destination(self, url: str, param: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
-            raise InputImageError(
+            raise InvalidInputError(
                 f"only http and https URLs can be fetched, not {parts.scheme or 'no scheme'!r}",
                 param=param,
             )
         if not parts.hostname:
-            raise InputImageError("the URL has no host", param=param)
+            raise InvalidInputError("the URL has no host", param=param)
         if parts.username is not None or parts.password is not None:
-            raise InputImageError("URLs with a user name or password are refused", param=param)
+            raise InvalidInputError("URLs with a user name or password are refused", param=param)
         if self.allow_private_networks:
             return
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             addresses = self._resolver(parts.hostname, port)
         except OSError:
-            raise InputImageError(
+            raise InvalidInputError(
                 f"the host {parts.hostname!r} could not be resolved", param=param
             ) from None
         for address in addresses:
             if not ipaddress.ip_address(address.split("%")[0]).is_global:
-                raise InputImageError(
+                raise InvalidInputError(
                     f"the host {parts.hostname!r} resolves to a non-public address ({address}); "
                     "private networks are not reachable from this server",
                     param=param,

@@ -12,7 +12,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from retouch.errors import InputImageError
+from retouch.errors import InvalidInputError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
 MIN_SIDE = 384
@@ -21,25 +21,25 @@ _FORMAT_NAMES = "jpg, png, bmp, webp or tiff"
 
 
 def decode_image(data: bytes, param: str) -> Image.Image:
-    """An RGB image, upright per its EXIF orientation, or `InputImageError` naming `param`."""
+    """An RGB image, upright per its EXIF orientation, or `InvalidInputError` naming `param`."""
     if not data:
-        raise InputImageError("the image is empty (0 bytes were downloaded)", param=param)
+        raise InvalidInputError("the image is empty (0 bytes were downloaded)", param=param)
     image = _open(data, param)
     width, height = image.size
     if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
-        raise InputImageError(
+        raise InvalidInputError(
             f"the image is {width}x{height}; width and height must be within "
             f"{MIN_SIDE}-{MAX_SIDE} pixels",
             param=param,
         )
     if getattr(image, "n_frames", 1) > 1:
-        raise InputImageError(
+        raise InvalidInputError(
             "animated images are not supported; send a single still image", param=param
         )
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputImageError(
+        raise InvalidInputError(
             f"the {image.format} image is truncated or corrupt ({exc})", param=param
         ) from None
     upright = ImageOps.exif_transpose(image)
@@ -58,13 +58,13 @@ def _open(data: bytes, param: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputImageError(
+        raise InvalidInputError(
             "the image declares too many pixels (a decompression bomb?); "
             f"width and height must be within {MIN_SIDE}-{MAX_SIDE} pixels",
             param=param,
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise InputImageError(
+        raise InvalidInputError(
             f"the content is not an image in a supported format ({_FORMAT_NAMES}); "
             f"it starts with {data[:16]!r}",
             param=param,

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import IO
 
 from retouch.api.app import create_app
-from retouch.api.service import ServedModel, TaskService
+from retouch.api.service import TaskService
 from retouch.clock import SystemClock
 from retouch.errors import ModelLoadError
 from retouch.janitor import Janitor
+from retouch.models import ModelsFileError, ModelSpec
+from retouch.prompts import PromptTokenCounter
 from retouch.settings import Settings
 from retouch.storage import LocalResultStorage
 from retouch.store import Store, migrate
@@ -51,6 +53,10 @@ def open_store(settings: Settings) -> Store:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    try:
+        specs = settings.model_specs()
+    except ModelsFileError as exc:
+        raise StartupError(str(exc)) from None
     with _exclusive(settings.data_dir):
         store = open_store(settings)
         clock = SystemClock()
@@ -73,11 +79,12 @@ def serve(settings: Settings) -> None:
             store,
             storage,
             clock,
-            [ServedModel(settings.model_name, settings.price)],
+            specs,
             public_url=settings.public_url,
+            tokens=PromptTokenCounter(settings.models_dir),
         )
         app = create_app(service, max_request_bytes=settings.max_request_bytes)
-        _print_hint(settings, store)
+        _print_hint(settings, store, specs)
         try:
             uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
         finally:
@@ -129,7 +136,7 @@ class WorkerSupervisor:
         return process
 
     def _await_ready(self, process: BaseProcess, receiver: Connection) -> None:
-        print(f"Loading model {self.settings.model!r} …", file=sys.stderr, flush=True)
+        print("Loading the model(s) …", file=sys.stderr, flush=True)
         try:
             if not receiver.poll(_READY_TIMEOUT_SECONDS):
                 raise StartupError("The worker did not finish loading the model in time.")
@@ -167,13 +174,17 @@ def worker_main(settings: Settings, ready: Connection, parent_pid: int) -> None:
     """Entry point of the worker child process."""
     _die_with_parent(parent_pid)
     configure_logging()
-    from retouch.engine.loader import load_engine
+    from retouch.engine.loader import engine_options, load_engine
     from retouch.fetch import ImageFetcher
-    from retouch.worker import Worker, WorkerConfig
+    from retouch.worker import LoadedModel, Worker, WorkerConfig
 
     try:
-        engine = load_engine(settings)
-    except ModelLoadError as exc:
+        options = engine_options(settings)
+        models = {
+            spec.name: LoadedModel(spec, load_engine(spec, options))
+            for spec in settings.model_specs()
+        }
+    except (ModelLoadError, ModelsFileError) as exc:
         ready.send(("error", str(exc)))
         sys.exit(1)
     store = Store.from_url(settings.resolved_database_url)
@@ -181,7 +192,7 @@ def worker_main(settings: Settings, ready: Connection, parent_pid: int) -> None:
     worker = Worker(
         store,
         LocalResultStorage(settings.results_dir, settings.signing_key(), clock),
-        engine,
+        models,
         ImageFetcher(
             allow_private_networks=settings.allow_private_networks,
             max_bytes=settings.max_image_bytes,
@@ -196,7 +207,7 @@ def worker_main(settings: Settings, ready: Connection, parent_pid: int) -> None:
     )
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    ready.send(("ready", f"{settings.model} as {worker.worker_id}"))
+    ready.send(("ready", f"{', '.join(models)} as {worker.worker_id}"))
     ready.close()
     worker.run()
 
@@ -240,11 +251,12 @@ def _exclusive(data_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def _print_hint(settings: Settings, store: Store) -> None:
+def _print_hint(settings: Settings, store: Store, specs: list[ModelSpec]) -> None:
     default_dir = settings.data_dir == Path("retouch-data")
     data_dir = "" if default_dir else f" --data-dir {settings.data_dir}"
     url = f"http://{settings.host}:{settings.port}"
-    lines = [f"Retouch is serving {settings.model_name!r} on {url}"]
+    served = ", ".join(f"{spec.name!r} ({spec.checkpoint})" for spec in specs)
+    lines = [f"Retouch is serving {served} on {url}"]
     if not store.list_keys():
         lines.append("No API key exists yet. Create one with:")
     else:

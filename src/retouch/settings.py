@@ -14,6 +14,15 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from retouch.models import (
+    DEFAULT_MODELS_FILE,
+    LoraSpec,
+    ModelsFileError,
+    ModelSpec,
+    load_models_file,
+    model_shortcut,
+)
+
 DEFAULT_MODEL_NAME = "qwen-image-edit"
 
 
@@ -35,22 +44,28 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
 
-    # The model and the engine.
-    model: str = Field(
-        default="demo",
-        description="`demo`, `fixture`, a Hugging Face id or a local checkpoint directory.",
+    # The models and the engine.
+    model: str | None = Field(
+        default=None,
+        description="Serve one model: `demo` (tiny, random weights), a Hugging Face id or a "
+        "local checkpoint directory; default: the built-in models file (Qwen-Image-Edit-2511).",
     )
-    model_name: str = Field(default=DEFAULT_MODEL_NAME, description="API name of the model.")
+    models_file: Path | None = Field(
+        default=None, description="TOML file mapping API model names to checkpoints."
+    )
+    model_name: str = Field(
+        default=DEFAULT_MODEL_NAME, description="API name of the model that --model serves."
+    )
     family: Literal["auto", "edit", "edit-plus"] = Field(
         default="auto",
-        description="Pipeline family: `edit` (QwenImageEditPipeline, one image), `edit-plus` "
-        "(QwenImageEditPlusPipeline, 1-3 images) or `auto` (read from the checkpoint).",
+        description="Pipeline family of --model: `edit` (QwenImageEditPipeline, one image), "
+        "`edit-plus` (QwenImageEditPlusPipeline, 1-3 images) or `auto` (read from the checkpoint).",
     )
     steps: int | None = Field(
-        default=None, ge=1, le=200, description="Denoising steps; default: the model's own."
+        default=None, ge=1, le=200, description="Denoising steps of --model; default: its own."
     )
     true_cfg_scale: float | None = Field(
-        default=None, ge=1.0, le=20.0, description="True CFG scale; default: the model's own."
+        default=None, ge=1.0, le=20.0, description="True CFG scale of --model; default: its own."
     )
     device: str | None = Field(
         default=None, description="Torch device, e.g. `cuda:0`; default: cuda if present, else cpu."
@@ -58,7 +73,36 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Weights dtype; `auto`: bfloat16 on CUDA, float32 on CPU."
     )
-    price: float = Field(default=1.0, ge=0, description="Credits per image produced.")
+    offload: Literal["none", "model", "sequential"] = Field(
+        default="none",
+        description="CPU offload for small GPUs: `model` (whole components, small slowdown) or "
+        "`sequential` (layer by layer, least memory, slow).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="Compile the transformer's repeated block (paid by a warm-up at start-up).",
+    )
+    quantize: Literal["none", "fp8"] = Field(
+        default="none",
+        description="`fp8`: torchao float8 dynamic quantization (per row) of the transformer; "
+        "needs a CUDA GPU of compute capability 8.9+; use with --compile.",
+    )
+    quantize_text_encoder: bool = Field(
+        default=False, description="Also quantize the text encoder when --quantize is set."
+    )
+    lora: str | None = Field(
+        default=None, description="LoRA (file, directory or Hugging Face id) fused into --model."
+    )
+    lora_weight: float = Field(default=1.0, gt=0, le=4, description="Scale of the --lora.")
+    lora_steps: int | None = Field(
+        default=None, ge=1, le=200, description="Steps the --lora was trained for (e.g. 4 or 8)."
+    )
+    lora_true_cfg_scale: float | None = Field(
+        default=None, ge=1.0, le=20.0, description="True CFG scale for the --lora (e.g. 1.0)."
+    )
+    price: float | None = Field(
+        default=None, ge=0, description="Credits per image produced by --model; default 1."
+    )
     worker: bool = Field(default=True, description="Run the in-process worker.")
 
     # Tasks and results.
@@ -102,6 +146,34 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The models this server serves: --model, else --models-file, else the default file."""
+        if self.model and self.models_file:
+            raise ModelsFileError("Give either --model or --models-file, not both.")
+        if self.models_file:
+            return load_models_file(self.models_file)
+        if not self.model:
+            return load_models_file(DEFAULT_MODELS_FILE)
+        lora = None
+        if self.lora:
+            lora = LoraSpec(
+                source=self.lora,
+                weight=self.lora_weight,
+                steps=self.lora_steps,
+                true_cfg_scale=self.lora_true_cfg_scale,
+            )
+        return [
+            model_shortcut(
+                self.model_name,
+                self.model,
+                family=self.family,
+                steps=self.steps,
+                true_cfg_scale=self.true_cfg_scale,
+                price=self.price,
+                lora=lora,
+            )
+        ]
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,16 +1,22 @@
 """The worker: claim a task, fetch its inputs, run the engine, store results, finalize.
 
-A worker holds a lease on the task it runs and renews it while it works; every
-write it makes is conditional on still holding that lease, so a worker that
-was presumed dead can never finish a task twice.
+Two stages keep the GPU busy: a prefetch thread claims the next task and
+fetches and decodes its inputs while the engine is still running the current
+one. At most one task waits ahead of the engine.
+
+A worker holds a lease on each task it has claimed and renews it while it
+works; every write it makes is conditional on still holding that lease, so a
+worker that was presumed dead can never finish a task twice.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import socket
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,9 +25,11 @@ from PIL import Image
 
 from retouch.clock import Clock, SystemClock
 from retouch.engine.base import EditJob, Engine, Interrupted
-from retouch.errors import InputImageError
+from retouch.errors import InvalidInputError
 from retouch.fetch import ImageFetcher
 from retouch.images import decode_image, encode_png
+from retouch.models import ModelSpec
+from retouch.prompts import MAX_PROMPT_TOKENS
 from retouch.storage import ResultStorage
 from retouch.store import Store
 from retouch.tasks import Task, TaskError
@@ -38,6 +46,12 @@ class WorkerConfig:
     poll_interval_seconds: float = 0.2
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    spec: ModelSpec
+    engine: Engine
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(4)}"
 
@@ -47,7 +61,7 @@ class Worker:
         self,
         store: Store,
         storage: ResultStorage,
-        engine: Engine,
+        models: Mapping[str, LoadedModel],
         fetcher: ImageFetcher,
         config: WorkerConfig | None = None,
         *,
@@ -56,63 +70,144 @@ class Worker:
     ) -> None:
         self.store = store
         self.storage = storage
-        self.engine = engine
+        self.models = dict(models)
         self.fetcher = fetcher
         self.config = config or WorkerConfig()
         self.worker_id = worker_id or new_worker_id()
         self.clock = clock or SystemClock()
         self.stopping = threading.Event()
+        self._ready: queue.Queue[_Prepared | None] = queue.Queue()
+        self._slot = threading.Semaphore(1)
 
     def run(self) -> None:
-        """Work until `stopping` is set; a running task is handed back, not lost."""
-        log.info("worker %s started", self.worker_id)
-        while not self.stopping.is_set():
-            try:
-                busy = self.run_once()
-            except Exception:
-                # The store is unreachable or similar: keep the worker alive and retry.
-                log.exception("worker %s: could not run the next task", self.worker_id)
-                busy = False
-            if not busy:
-                self.stopping.wait(self.config.poll_interval_seconds)
+        """Work until `stopping` is set; tasks in hand go back to the queue, not lost."""
+        log.info("worker %s started, serving %s", self.worker_id, ", ".join(self.models))
+        prefetcher = threading.Thread(target=self._prefetch_loop, name="prefetch", daemon=True)
+        prefetcher.start()
+        while (prepared := self._ready.get()) is not None:
+            self._slot.release()
+            with prepared.lease:
+                try:
+                    _TaskRun(self, prepared).execute()
+                except Exception:
+                    # Finalizing failed (store unreachable): the lease will expire and
+                    # the task will be retried; the worker itself carries on.
+                    log.exception("task %s: could not be finalized", prepared.task.id)
+        prefetcher.join()
         log.info("worker %s stopped", self.worker_id)
 
-    def run_once(self) -> bool:
-        """Run the next pending task, if there is one."""
-        task = self.store.claim_next(self.worker_id, self.config.lease_seconds)
+    # -- stage 1: claim and prepare ---------------------------------------
+
+    def _prefetch_loop(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                if not self._slot.acquire(timeout=self.config.poll_interval_seconds):
+                    continue
+                if not self._prefetch_one():
+                    self._slot.release()
+                    self.stopping.wait(self.config.poll_interval_seconds)
+        finally:
+            self._ready.put(None)
+
+    def _prefetch_one(self) -> bool:
+        """Claim a task and hand it to the engine stage; False when none was handed."""
+        try:
+            task = self.store.claim_next(
+                self.worker_id, self.config.lease_seconds, models=list(self.models)
+            )
+        except Exception:
+            # The store is unreachable or similar: keep the worker alive and retry.
+            log.exception("worker %s: could not claim a task", self.worker_id)
+            return False
         if task is None:
             return False
-        with _LeaseKeeper(self.store, task.id, self.worker_id, self.config.lease_seconds):
-            _TaskRun(self, task).execute()
+        lease = _LeaseKeeper(self.store, task.id, self.worker_id, self.config.lease_seconds)
+        lease.start()
+        try:
+            prepared = self._prepare(task, lease)
+        except BaseException:
+            lease.stop()
+            raise
+        if prepared is None:
+            lease.stop()
+            return False
+        self._ready.put(prepared)
         return True
+
+    def _prepare(self, task: Task, lease: _LeaseKeeper) -> _Prepared | None:
+        """Check the prompt and fetch the inputs, or finalize the task here."""
+        model = self.models[task.model]
+        try:
+            check_prompt(model.engine, task.params.prompt)
+            images = self._fetch_inputs(task, model.spec)
+        except InvalidInputError as exc:
+            log.info("task %s: bad input %s: %s", task.id, exc.param, exc.message)
+            error = TaskError(code=exc.status, type=exc.type, message=exc.message, param=exc.param)
+            self.store.fail(task.id, self.worker_id, error)
+            return None
+        except Exception as exc:
+            log.exception("task %s: preparing the inputs failed", task.id)
+            self.store.fail(task.id, self.worker_id, engine_error(exc))
+            return None
+        return _Prepared(task, model, images, lease)
+
+    def _fetch_inputs(self, task: Task, spec: ModelSpec) -> list[Image.Image]:
+        urls = task.params.image_urls
+        if len(urls) > spec.max_images:
+            raise InvalidInputError(
+                f"model {spec.name!r} takes at most {spec.max_images} image(s); "
+                f"{len(urls)} were given",
+                param="image_urls",
+            )
+
+        def fetch(index: int) -> Image.Image:
+            param = f"image_urls[{index}]"
+            return decode_image(self.fetcher.fetch(urls[index], param), param)
+
+        with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+            return list(pool.map(fetch, range(len(urls))))
+
+
+def check_prompt(engine: Engine, prompt: str) -> None:
+    tokens = engine.count_tokens(prompt)
+    if tokens is not None and tokens > MAX_PROMPT_TOKENS:
+        raise InvalidInputError(
+            f"the prompt is {tokens} tokens long by the model's tokenizer; "
+            f"the limit is {MAX_PROMPT_TOKENS}",
+            param="prompt",
+        )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    task: Task
+    model: LoadedModel
+    images: list[Image.Image]
+    lease: _LeaseKeeper
 
 
 class _TaskRun:
-    """One attempt at one task."""
+    """Stage 2: one attempt at one prepared task on the engine."""
 
-    def __init__(self, worker: Worker, task: Task) -> None:
+    def __init__(self, worker: Worker, prepared: _Prepared) -> None:
         self.worker = worker
-        self.task = task
+        self.task = prepared.task
+        self.model = prepared.model
+        self.images = prepared.images
         self.store = worker.store
-        self._reported = task.progress
+        self._reported = self.task.progress
 
     def execute(self) -> None:
-        worker_id = self.worker.worker_id
         try:
-            images = self._fetch_inputs()
             if self.should_stop():
                 raise Interrupted
-            outputs = self.worker.engine.run(self._job(images), self.on_step, self.should_stop)
+            outputs = self.model.engine.run(self._job(), self.on_step, self.should_stop)
             self._finish(outputs)
         except Interrupted:
             self._interrupted()
-        except InputImageError as exc:
-            log.info("task %s: bad input %s: %s", self.task.id, exc.param, exc.message)
-            error = TaskError(code=exc.status, type=exc.type, message=exc.message, param=exc.param)
-            self.store.fail(self.task.id, worker_id, error)
         except Exception as exc:
             log.exception("task %s: the engine failed", self.task.id)
-            self.store.fail(self.task.id, worker_id, engine_error(exc))
+            self.store.fail(self.task.id, self.worker.worker_id, engine_error(exc))
 
     def should_stop(self) -> bool:
         return self.worker.stopping.is_set() or self.store.should_stop(
@@ -128,32 +223,16 @@ class _TaskRun:
                 self.task.id, self.worker.worker_id, progress, self.worker.config.lease_seconds
             )
 
-    def _fetch_inputs(self) -> list[Image.Image]:
-        urls = self.task.params.image_urls
-        limit = self.worker.engine.max_images
-        if len(urls) > limit:
-            raise InputImageError(
-                f"this model takes at most {limit} image(s); {len(urls)} were given",
-                param="image_urls",
-            )
-
-        def fetch(index: int) -> Image.Image:
-            param = f"image_urls[{index}]"
-            return decode_image(self.worker.fetcher.fetch(urls[index], param), param)
-
-        with ThreadPoolExecutor(max_workers=len(urls)) as pool:
-            return list(pool.map(fetch, range(len(urls))))
-
-    def _job(self, images: list[Image.Image]) -> EditJob:
+    def _job(self) -> EditJob:
         params = self.task.params
-        engine = self.worker.engine
+        spec = self.model.spec
         return EditJob(
-            images=images,
+            images=self.images,
             prompt=params.prompt,
             seed=params.seed if params.seed is not None else secrets.randbelow(MAX_SEED + 1),
-            steps=engine.default_steps,
-            true_cfg_scale=engine.default_true_cfg_scale,
-            negative_prompt=params.negative_prompt or engine.default_negative_prompt,
+            steps=spec.effective_steps,
+            true_cfg_scale=spec.effective_true_cfg_scale,
+            negative_prompt=params.negative_prompt or spec.negative_prompt,
             n=params.n,
             width=params.width,
             height=params.height,
@@ -175,7 +254,7 @@ class _TaskRun:
         worker_id = self.worker.worker_id
         if self.store.cancel_was_requested(self.task.id):
             self.store.cancel_running(self.task.id, worker_id)
-            log.info("task %s: cancelled while running", self.task.id)
+            log.info("task %s: cancelled", self.task.id)
         elif self.worker.stopping.is_set():
             self.store.release(self.task.id, worker_id)
             log.info("task %s: handed back to the queue at shutdown", self.task.id)
@@ -197,7 +276,7 @@ def engine_error(exc: BaseException) -> TaskError:
 
 
 class _LeaseKeeper:
-    """Renews a task's lease in the background while the worker runs it."""
+    """Renews a task's lease in the background from claim to finalize."""
 
     def __init__(self, store: Store, task_id: str, worker_id: str, lease_seconds: float) -> None:
         self._store = store
@@ -207,15 +286,23 @@ class _LeaseKeeper:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{task_id}", daemon=True)
 
-    def __enter__(self) -> _LeaseKeeper:
+    def start(self) -> None:
         self._thread.start()
-        return self
 
-    def __exit__(self, *_exc: object) -> None:
+    def stop(self) -> None:
         self._done.set()
         self._thread.join()
 
+    def __enter__(self) -> _LeaseKeeper:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
     def _renew(self) -> None:
         while not self._done.wait(self._lease_seconds / 3):
-            if not self._store.renew_lease(self._task_id, self._worker_id, self._lease_seconds):
-                return
+            try:
+                if not self._store.renew_lease(self._task_id, self._worker_id, self._lease_seconds):
+                    return
+            except Exception:
+                log.exception("task %s: renewing the lease failed", self._task_id)

@@ -11,17 +11,30 @@ import httpx
 import pytest
 
 from retouch.api.app import create_app
-from retouch.api.service import ServedModel, TaskService
+from retouch.api.service import TaskService
 from retouch.clock import FakeClock
 from retouch.engine.base import Engine
 from retouch.fetch import ImageFetcher
 from retouch.janitor import Janitor
+from retouch.models import ModelSpec
+from retouch.prompts import PromptTokenCounter
 from retouch.storage import LocalResultStorage
 from retouch.store import Store
-from retouch.worker import Worker, WorkerConfig
+from retouch.worker import LoadedModel, Worker, WorkerConfig
 from tests.support import LiveServer
 
 MAX_REQUEST_BYTES = 64 * 1024
+SPEC = ModelSpec(
+    name="qwen-image-edit", checkpoint="fixture", steps=4, negative_prompt=None, price=1.5
+)
+ONE_IMAGE_VIP = ModelSpec(
+    name="qwen-image-edit-single",
+    checkpoint="fixture",
+    family="edit",
+    max_images=1,
+    max_output_side=1024,
+    user_groups=("vip",),
+)
 
 
 @dataclass
@@ -38,11 +51,13 @@ class Api:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=10)
 
-    def start_worker(self, engine: Engine, lease_seconds: float = 30.0) -> Worker:
+    def start_worker(
+        self, engine: Engine, lease_seconds: float = 30.0, spec: ModelSpec = SPEC
+    ) -> Worker:
         worker = Worker(
             self.store,
             self.storage,
-            engine,
+            {spec.name: LoadedModel(spec, engine)},
             ImageFetcher(allow_private_networks=True, timeout_seconds=5),
             WorkerConfig(lease_seconds=lease_seconds, poll_interval_seconds=0.02),
             clock=self.clock,
@@ -65,7 +80,9 @@ class Api:
 @pytest.fixture
 def api(store: Store, clock: FakeClock, tmp_path: Path) -> Iterator[Api]:
     storage = LocalResultStorage(tmp_path / "results", b"test-secret", clock)
-    service = TaskService(store, storage, clock, [ServedModel("qwen-image-edit", price=1.5)])
+    service = TaskService(
+        store, storage, clock, [SPEC, ONE_IMAGE_VIP], tokens=PromptTokenCounter(tmp_path)
+    )
     server = LiveServer(create_app(service, max_request_bytes=MAX_REQUEST_BYTES))
     _key, secret = store.create_key("alice")
     live = Api(server.url, store, storage, clock, secret)

@@ -91,7 +91,7 @@ def test_curl_style_form_content_type_is_read_as_json(api: Api) -> None:
 
 
 def test_edit_runs_to_completion_with_downloadable_results(api: Api, image_host: ImageHost) -> None:
-    engine = FixtureEngine(step_seconds=0.05, default_steps=10)
+    engine = FixtureEngine(step_seconds=0.05, steps=10)
     api.start_worker(engine)
     first = image_host.add("/cat.png", png_bytes((640, 480), (10, 200, 30)))
     second = image_host.add("/ref", png_bytes((400, 400)), **{"Content-Type": "text/plain"})
@@ -145,7 +145,7 @@ def test_cancel_pending_is_immediate(api: Api) -> None:
 
 
 def test_cancel_running_stops_within_one_step(api: Api, image_host: ImageHost) -> None:
-    engine = FixtureEngine(step_seconds=0.1, default_steps=200)
+    engine = FixtureEngine(step_seconds=0.1, steps=200)
     api.start_worker(engine)
     task = create(api, edit([image_host.add("/a.png", png_bytes())]))
     wait_for(lambda: task_detail(api, task["id"])["progress"] >= 2)
@@ -159,7 +159,7 @@ def test_cancel_running_stops_within_one_step(api: Api, image_host: ImageHost) -
     assert done["progress"] <= progress_at_cancel + 1
     assert "results" not in done
     # The worker is free for the next task.
-    engine.default_steps = 2
+    engine.steps = 2
     nxt = create(api, edit([image_host.url("/a.png")]))
     wait_status(api, nxt["id"], "completed")
 
@@ -374,7 +374,7 @@ def test_internal_errors_are_500_without_a_traceback(api: Api) -> None:
 
 
 def test_polls_stay_fast_while_the_engine_runs(api: Api, image_host: ImageHost) -> None:
-    api.start_worker(FixtureEngine(step_seconds=0.2, default_steps=50))
+    api.start_worker(FixtureEngine(step_seconds=0.2, steps=50))
     task = create(api, edit([image_host.add("/a.png", png_bytes())]))
     wait_status(api, task["id"], "processing")
     timings = []
@@ -403,3 +403,74 @@ def test_openapi_uses_the_seed_names_and_documents_extensions(api: Api) -> None:
     assert spec["paths"]["/v1/tasks/{task_id}"]["get"]["operationId"] == "getTaskDetail"
     assert "/v1/tasks/{task_id}/cancel" in spec["paths"]
     assert "bearerAuth" in spec["components"]["securitySchemes"]
+
+
+# -- models ---------------------------------------------------------------
+
+
+def test_models_are_listed_with_limits_and_price(api: Api) -> None:
+    _key, vip = api.store.create_key("vera", user_group="vip")
+    with api.client() as client:
+        default_view = client.get("/v1/models").json()
+    with api.client(vip) as client:
+        vip_view = client.get("/v1/models").json()
+    assert default_view["object"] == "list"
+    assert [m["id"] for m in default_view["data"]] == ["qwen-image-edit"]
+    assert [m["id"] for m in vip_view["data"]] == ["qwen-image-edit", "qwen-image-edit-single"]
+    single = vip_view["data"][1]
+    assert single == {
+        "id": "qwen-image-edit-single",
+        "object": "model",
+        "family": "edit",
+        "max_images": 1,
+        "max_output_side": 1024,
+        "price_per_image": 1.0,
+        "user_groups": ["vip"],
+        "defaults": {"steps": 40, "true_cfg_scale": 4.0, "negative_prompt": " "},
+        "lora": None,
+    }
+    with api.client("") as client:
+        assert_error(client.get("/v1/models"), 401, "authentication_error")
+
+
+def test_a_model_outside_the_users_group_is_403(api: Api) -> None:
+    with api.client() as client:
+        response = client.post(
+            GENERATIONS, json={**edit(["https://a.b/c.png"]), "model": "qwen-image-edit-single"}
+        )
+    assert_error(response, 403, "permission_error", "model")
+
+
+def test_per_model_limits_are_enforced_at_the_door(api: Api) -> None:
+    _key, vip = api.store.create_key("vera", user_group="vip")
+    single = {"model": "qwen-image-edit-single"}
+    with api.client(vip) as client:
+        two_images = client.post(
+            GENERATIONS, json={**edit(["https://a.b/1", "https://a.b/2"]), **single}
+        )
+        too_big = client.post(
+            GENERATIONS, json={**edit(["https://a.b/1"], size="1040x512"), **single}
+        )
+        fits = client.post(GENERATIONS, json={**edit(["https://a.b/1"], size="1024x512"), **single})
+    assert (
+        "at most 1 image"
+        in assert_error(two_images, 400, "invalid_request_error", "image_urls")["message"]
+    )
+    assert "1024" in assert_error(too_big, 400, "invalid_request_error", "size")["message"]
+    assert fits.status_code == 200
+
+
+def test_inputs_of_the_next_task_are_fetched_while_the_engine_runs(
+    api: Api, image_host: ImageHost
+) -> None:
+    engine = FixtureEngine(step_seconds=0.1, steps=10)
+    api.start_worker(engine)
+    first = create(api, edit([image_host.add("/one.png", png_bytes())]))
+    wait_status(api, first["id"], "processing")
+    second = create(api, edit([image_host.add("/two.png", png_bytes())]))
+    wait_for(lambda: "/two.png" in image_host.requests, timeout=5)
+    # The second task's image arrived while the first was still on the engine.
+    assert task_detail(api, first["id"])["status"] == "processing"
+    assert engine.runs == 1
+    wait_status(api, second["id"], "completed")
+    assert task_detail(api, first["id"])["status"] == "completed"

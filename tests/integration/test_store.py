@@ -232,3 +232,10 @@ def test_expired_results_listed_until_purged(store: Store, key: ApiKey, clock: F
     assert store.expired_results() == [(task.id, [f"{task.id}/0.png"])]
     store.mark_results_purged([task.id])
     assert store.expired_results() == []
+
+
+def test_claim_only_takes_the_workers_models(store: Store, key: ApiKey) -> None:
+    task = make_task(store, key)
+    assert store.claim_next("w1", LEASE, models=["another-model"]) is None
+    claimed = store.claim_next("w1", LEASE, models=["another-model", "qwen-image-edit"])
+    assert claimed is not None and claimed.id == task.id

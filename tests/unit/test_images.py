@@ -8,7 +8,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from retouch.errors import InputImageError
+from retouch.errors import InvalidInputError
 from retouch.images import decode_image, encode_png
 from tests.support import image_bytes, png_bytes
 
@@ -16,7 +16,7 @@ PARAM = "image_urls[0]"
 
 
 def rejected(data: bytes) -> str:
-    with pytest.raises(InputImageError) as info:
+    with pytest.raises(InvalidInputError) as info:
         decode_image(data, PARAM)
     assert info.value.param == PARAM
     return info.value.message

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from retouch import __version__
+from retouch.api.auth import SECURITY_SCHEMES
 from retouch.api.errors import install_error_handlers
 from retouch.api.limits import BodySizeLimit
 from retouch.api.routes import router
@@ -64,6 +65,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schemas["QwenImageEditRequest"] = request_schema
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+    spec["components"]["securitySchemes"] = SECURITY_SCHEMES
     for path in spec.get("paths", {}).values():
         for operation in path.values():
             operation.get("responses", {}).pop("422", None)

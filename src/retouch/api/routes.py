@@ -1,26 +1,33 @@
-"""The HTTP endpoints. Each one is a few lines: parse, call the service, render."""
+"""The HTTP endpoints. Each one parses on the event loop, then does all of its
+database work in one worker-thread hop (`_in_thread`), then renders."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
-from retouch.api.auth import CurrentKey
+from retouch.api.auth import SECURITY, authenticate, bearer_secret
 from retouch.api.errors import validation_to_error
 from retouch.api.schemas import (
     ErrorResponse,
     ImageGenerationResponse,
+    ModelList,
     QwenImageEditRequest,
     TaskDetail,
+    model_info,
 )
 from retouch.api.service import TaskService
 from retouch.errors import InvalidRequestError, PermissionDeniedError
+from retouch.keys import ApiKey
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -31,11 +38,15 @@ def _service(request: Request) -> TaskService:
     return cast(TaskService, request.app.state.services)
 
 
-Service = Annotated[TaskService, Depends(_service)]
+async def _in_thread(request: Request, work: Callable[[TaskService, ApiKey], T]) -> T:
+    """Authenticate and do the request's work in one worker-thread hop."""
+    secret = bearer_secret(request)
+    service = _service(request)
 
+    def authenticated() -> T:
+        return work(service, authenticate(service.store, secret))
 
-def _base_url(request: Request) -> str:
-    return str(request.base_url)
+    return await run_in_threadpool(authenticated)
 
 
 async def edit_request(request: Request) -> QwenImageEditRequest:
@@ -86,16 +97,17 @@ _CREATE_BODY = {
         200: {"model": ImageGenerationResponse, "description": "Image task created"},
         **_errors(400, 401, 403, 404, 413, 429, 500, 502, 503),
     },
-    openapi_extra=_CREATE_BODY,
+    openapi_extra={**_CREATE_BODY, "security": SECURITY},
 )
-def create_generation(
-    key: CurrentKey,
-    body: Annotated[QwenImageEditRequest, Depends(edit_request)],
-    service: Service,
-    request: Request,
-) -> JSONResponse:
-    task = service.create(key, body)
-    return JSONResponse(service.render(task, _base_url(request), detail=False))
+async def create_generation(request: Request) -> JSONResponse:
+    bearer_secret(request)  # a missing key answers 401 before the body is read
+    body = await edit_request(request)
+    base_url = str(request.base_url)
+
+    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
+        return service.render(service.create(key, body), base_url, detail=False)
+
+    return JSONResponse(await _in_thread(request, work))
 
 
 @router.get(
@@ -104,10 +116,15 @@ def create_generation(
     summary="Get task detail",
     tags=["Task Management"],
     responses={200: {"model": TaskDetail, "description": "Task detail"}, **_errors(401, 404, 429)},
+    openapi_extra={"security": SECURITY},
 )
-def get_task(task_id: str, key: CurrentKey, service: Service, request: Request) -> JSONResponse:
-    task = service.get(key, task_id)
-    return JSONResponse(service.render(task, _base_url(request)))
+async def get_task(task_id: str, request: Request) -> JSONResponse:
+    base_url = str(request.base_url)
+
+    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
+        return service.render(service.get(key, task_id), base_url)
+
+    return JSONResponse(await _in_thread(request, work))
 
 
 @router.post(
@@ -118,10 +135,30 @@ def get_task(task_id: str, key: CurrentKey, service: Service, request: Request) 
     "Cancelling a cancelled task is a no-op; a completed or failed task answers 409.",
     tags=["Task Management"],
     responses={200: {"model": TaskDetail, "description": "Task detail"}, **_errors(401, 404, 409)},
+    openapi_extra={"security": SECURITY},
 )
-def cancel_task(task_id: str, key: CurrentKey, service: Service, request: Request) -> JSONResponse:
-    task = service.cancel(key, task_id)
-    return JSONResponse(service.render(task, _base_url(request)))
+async def cancel_task(task_id: str, request: Request) -> JSONResponse:
+    base_url = str(request.base_url)
+
+    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
+        return service.render(service.cancel(key, task_id), base_url)
+
+    return JSONResponse(await _in_thread(request, work))
+
+
+@router.get(
+    "/v1/models",
+    operation_id="listModels",
+    summary="List served models with their limits and price (extension)",
+    tags=["Models"],
+    responses={200: {"model": ModelList, "description": "Models"}, **_errors(401)},
+    openapi_extra={"security": SECURITY},
+)
+async def list_models(request: Request) -> JSONResponse:
+    def work(service: TaskService, key: ApiKey) -> list[dict[str, Any]]:
+        return [model_info(spec).model_dump() for spec in service.served_models(key)]
+
+    return JSONResponse({"object": "list", "data": await _in_thread(request, work)})
 
 
 @router.get(
@@ -134,22 +171,26 @@ def cancel_task(task_id: str, key: CurrentKey, service: Service, request: Reques
         200: {"content": {"image/png": {}}, "description": "The PNG"},
         **_errors(403, 404),
     },
+    openapi_extra={
+        "parameters": [
+            {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"}},
+            {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"}},
+        ]
+    },
 )
-def download_result(
-    key: str,
-    service: Service,
-    expires: Annotated[str, Query()] = "",
-    signature: Annotated[str, Query()] = "",
-) -> FileResponse:
+async def download_result(key: str, request: Request) -> FileResponse:
+    expires = request.query_params.get("expires", "")
+    signature = request.query_params.get("signature", "")
     if not expires.isdigit() or not signature:
         raise PermissionDeniedError(
             "This result link is incomplete: `expires` and `signature` are required",
             param="signature",
         )
-    path = service.storage.open_signed(key, int(expires), signature)
+    storage = _service(request).storage
+    path = await run_in_threadpool(storage.open_signed, key, int(expires), signature)
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private"})
 
 
-@router.get("/healthz", tags=["Operations"], summary="Liveness", include_in_schema=True)
-def healthz() -> dict[str, str]:
+@router.get("/healthz", tags=["Operations"], summary="Liveness")
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}

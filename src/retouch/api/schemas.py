@@ -5,10 +5,13 @@ documented extensions and are all optional."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from retouch.models import ModelSpec
 
 MAX_IMAGES = 3
 MAX_URL_LENGTH = 2048
@@ -162,6 +165,48 @@ class TaskDetail(ImageGenerationResponse):
         default=None, description="Result links once completed; valid for 24 hours by default"
     )
     error: TaskErrorInfo | None = Field(default=None, description="Extension: on failed tasks")
+
+
+class ModelDefaults(BaseModel):
+    steps: int
+    true_cfg_scale: float
+    negative_prompt: str | None
+
+
+class ModelInfo(BaseModel):
+    """Extension: a served model, its limits and its price."""
+
+    id: str
+    object: Literal["model"] = "model"
+    family: Literal["edit", "edit-plus"]
+    max_images: int
+    max_output_side: int
+    price_per_image: float
+    user_groups: list[str]
+    defaults: ModelDefaults
+    lora: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+def model_info(spec: ModelSpec) -> ModelInfo:
+    return ModelInfo(
+        id=spec.name,
+        family=spec.family,
+        max_images=spec.max_images,
+        max_output_side=spec.max_output_side,
+        price_per_image=spec.price,
+        user_groups=list(spec.user_groups),
+        defaults=ModelDefaults(
+            steps=spec.effective_steps,
+            true_cfg_scale=spec.effective_true_cfg_scale,
+            negative_prompt=spec.negative_prompt,
+        ),
+        lora=Path(spec.lora.source).name if spec.lora else None,
+    )
 
 
 class ErrorBody(BaseModel):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from retouch.api.schemas import QwenImageEditRequest, parse_size
 from retouch.clock import Clock
-from retouch.errors import NotFoundError
+from retouch.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from retouch.keys import ApiKey
+from retouch.models import ModelSpec
+from retouch.prompts import MAX_PROMPT_TOKENS, PromptTokenCounter
 from retouch.storage import ResultStorage
 from retouch.store import Store
 from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
@@ -19,31 +20,28 @@ DEFAULT_TASK_SECONDS = 30.0
 _ESTIMATE_CACHE_SECONDS = 10.0
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    price: float = 1.0
-
-
 class TaskService:
     def __init__(
         self,
         store: Store,
         storage: ResultStorage,
         clock: Clock,
-        models: list[ServedModel],
+        models: list[ModelSpec],
         public_url: str | None = None,
+        tokens: PromptTokenCounter | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
         self.clock = clock
         self.models = {model.name: model for model in models}
         self.public_url = public_url
+        self.tokens = tokens
         self._durations: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
     def create(self, key: ApiKey, request: QwenImageEditRequest) -> Task:
         model = self._model(request.model)
+        self._check_allowed(key, model, request)
         width, height = parse_size(request.size) if request.size else (None, None)
         now = self.clock.now()
         task = Task(
@@ -68,6 +66,38 @@ class TaskService:
         )
         self.store.create_task(task)
         return task
+
+    def served_models(self, key: ApiKey) -> list[ModelSpec]:
+        """The models this key's user group may use."""
+        return [spec for spec in self.models.values() if key.user_group in spec.user_groups]
+
+    def _check_allowed(self, key: ApiKey, spec: ModelSpec, request: QwenImageEditRequest) -> None:
+        """The per-model limits that the request schema alone cannot know."""
+        if key.user_group not in spec.user_groups:
+            raise PermissionDeniedError(
+                f"Access denied for this model: {spec.name!r} is not available to the "
+                f"{key.user_group!r} user group",
+                param="model",
+            )
+        if len(request.image_urls) > spec.max_images:
+            raise InvalidRequestError(
+                f"model {spec.name!r} takes at most {spec.max_images} image(s); "
+                f"{len(request.image_urls)} were given",
+                param="image_urls",
+            )
+        if request.size and max(parse_size(request.size)) > spec.max_output_side:
+            raise InvalidRequestError(
+                f"size {request.size!r} is larger than model {spec.name!r} allows: "
+                f"each side at most {spec.max_output_side}",
+                param="size",
+            )
+        tokens = self.tokens.count(spec, request.prompt) if self.tokens else None
+        if tokens is not None and tokens > MAX_PROMPT_TOKENS:
+            raise InvalidRequestError(
+                f"the prompt is {tokens} tokens long by the model's tokenizer; "
+                f"the limit is {MAX_PROMPT_TOKENS}",
+                param="prompt",
+            )
 
     def get(self, key: ApiKey, task_id: str) -> Task:
         """The caller's task; another key's task is indistinguishable from none."""
@@ -132,7 +162,7 @@ class TaskService:
             self._durations[model] = (seconds, time.monotonic())
         return seconds
 
-    def _model(self, name: str) -> ServedModel:
+    def _model(self, name: str) -> ModelSpec:
         model = self.models.get(name)
         if model is None:
             served = ", ".join(sorted(self.models))

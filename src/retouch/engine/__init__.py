@@ -4,6 +4,13 @@ Torch and diffusers are imported only inside the engine modules, lazily, so the
 API process never loads them.
 """
 
-from retouch.engine.base import EditJob, Engine, Interrupted, StepCallback, StopCheck
+from retouch.engine.base import (
+    EditJob,
+    Engine,
+    EngineOptions,
+    Interrupted,
+    StepCallback,
+    StopCheck,
+)
 
-__all__ = ["EditJob", "Engine", "Interrupted", "StepCallback", "StopCheck"]
+__all__ = ["EditJob", "Engine", "EngineOptions", "Interrupted", "StepCallback", "StopCheck"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 
 from PIL import Image
 
@@ -32,19 +33,24 @@ class EditJob:
     height: int | None = None
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to place and speed up a model: the operator's choices, not the model's."""
+
+    models_dir: Path = Path("retouch-data/models")
+    device: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    offload: Literal["none", "model", "sequential"] = "none"
+    compile: bool = False
+    quantize: Literal["none", "fp8"] = "none"
+    quantize_text_encoder: bool = False
+
+
 class Engine(Protocol):
-    @property
-    def default_steps(self) -> int: ...
-
-    @property
-    def default_true_cfg_scale(self) -> float: ...
-
-    @property
-    def default_negative_prompt(self) -> str | None: ...
-
-    @property
-    def max_images(self) -> int: ...
-
     def run(self, job: EditJob, on_step: StepCallback, should_stop: StopCheck) -> list[Image.Image]:
         """The edited images (`job.n` of them), or `Interrupted`."""
+        ...
+
+    def count_tokens(self, prompt: str) -> int | None:
+        """Tokens of `prompt` by the model's own tokenizer (None: no tokenizer)."""
         ...

@@ -14,28 +14,29 @@ from retouch.engine.base import EditJob, Interrupted, StepCallback, StopCheck
 
 
 class FixtureEngine:
-    default_true_cfg_scale = 1.0
-    default_negative_prompt: str | None = None
-    max_images = 3
-
     def __init__(
         self,
         step_seconds: float = 0.02,
-        default_steps: int = 4,
         fail_with: BaseException | None = None,
+        steps: int | None = None,
     ) -> None:
         self.step_seconds = step_seconds
-        self.default_steps = default_steps
         self.fail_with = fail_with
+        self.steps = steps  # overrides the job's steps when set
         self.runs = 0
+
+    def count_tokens(self, prompt: str) -> int | None:
+        """Whitespace-separated words stand in for tokens."""
+        return len(prompt.split())
 
     def run(self, job: EditJob, on_step: StepCallback, should_stop: StopCheck) -> list[Image.Image]:
         self.runs += 1
-        for step in range(1, job.steps + 1):
+        total = self.steps or job.steps
+        for step in range(1, total + 1):
             time.sleep(self.step_seconds)
             if self.fail_with is not None:
                 raise self.fail_with
-            on_step(step, job.steps)
+            on_step(step, total)
             if should_stop():
                 raise Interrupted
         return [self._render(job, index) for index in range(job.n)]

@@ -1,39 +1,34 @@
-"""Turn `--model` into a loaded engine."""
+"""Turn model specs into loaded engines."""
 
 from __future__ import annotations
 
-from retouch.engine.base import Engine
+from retouch.engine.base import Engine, EngineOptions
+from retouch.models import FIXTURE, ModelSpec
 from retouch.settings import Settings
 
-DEMO_STEPS = 8
 
-
-def load_engine(settings: Settings) -> Engine:
-    """`fixture`, `demo`, a local checkpoint directory or a Hugging Face id."""
-    if settings.model == "fixture":
-        from retouch.engine.fixture import FixtureEngine
-
-        return FixtureEngine(default_steps=settings.steps or 4)
-
-    from retouch.engine.diffusers_engine import DiffusersEngine
-
-    if settings.model == "demo":
-        from retouch.engine.demo import ensure_demo_checkpoint
-
-        checkpoint = ensure_demo_checkpoint(settings.models_dir / "demo")
-        return DiffusersEngine(
-            str(checkpoint),
-            family="edit-plus",
-            device=settings.device,
-            dtype=settings.dtype,
-            steps=settings.steps or DEMO_STEPS,
-            true_cfg_scale=settings.true_cfg_scale,
-        )
-    return DiffusersEngine(
-        settings.model,
-        family=settings.family,
+def engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(
+        models_dir=settings.models_dir,
         device=settings.device,
         dtype=settings.dtype,
-        steps=settings.steps,
-        true_cfg_scale=settings.true_cfg_scale,
+        offload=settings.offload,
+        compile=settings.compile,
+        quantize=settings.quantize,
+        quantize_text_encoder=settings.quantize_text_encoder,
     )
+
+
+def load_engine(spec: ModelSpec, options: EngineOptions) -> Engine:
+    """`fixture`, `demo`, a local checkpoint directory or a Hugging Face id."""
+    if spec.checkpoint == FIXTURE:
+        from retouch.engine.fixture import FixtureEngine
+
+        return FixtureEngine()
+    from retouch.engine.diffusers_engine import DiffusersEngine
+
+    return DiffusersEngine(spec, options)
+
+
+def load_engines(specs: list[ModelSpec], options: EngineOptions) -> dict[str, Engine]:
+    return {spec.name: load_engine(spec, options) for spec in specs}

@@ -33,6 +33,7 @@ from retouch.keys import ApiKey, display_prefix, generate_secret, hash_secret, n
 from retouch.store.schema import api_keys, tasks
 from retouch.tasks import EditParams, Task, TaskError, TaskStatus
 
+SQLITE_POOL_SIZE = 48
 _PENDING = TaskStatus.PENDING.value
 _PROCESSING = TaskStatus.PROCESSING.value
 
@@ -42,7 +43,14 @@ def create_db_engine(url: str) -> Engine:
     `BEGIN IMMEDIATE` for writes, so concurrent writers queue instead of failing."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    # One pooled connection per thread that may run a query (the API's thread pool
+    # is 40): connections beyond the pool would be opened and closed per request.
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        pool_size=SQLITE_POOL_SIZE,
+        max_overflow=SQLITE_POOL_SIZE,
+    )
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -59,8 +67,10 @@ def create_db_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
-        readonly = connection.get_execution_options().get("retouch_readonly", False)
-        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        # Reads run in autocommit (each statement sees one snapshot); writes take
+        # the write lock up front so that two writers never deadlock on upgrade.
+        if not connection.get_execution_options().get("retouch_readonly", False):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -196,12 +206,17 @@ class Store:
 
     # -- the worker's side ---------------------------------------------------
 
-    def claim_next(self, worker_id: str, lease_seconds: float) -> Task | None:
-        """Take the oldest pending task and lease it to `worker_id`."""
+    def claim_next(
+        self, worker_id: str, lease_seconds: float, models: Sequence[str] | None = None
+    ) -> Task | None:
+        """Take the oldest pending task (of one of `models`) and lease it to `worker_id`."""
         now = self.clock.now()
+        pending = tasks.c.status == _PENDING
+        if models is not None:
+            pending = and_(pending, tasks.c.model.in_(models))
         oldest = (
             select(tasks.c.id)
-            .where(tasks.c.status == _PENDING)
+            .where(pending)
             .order_by(tasks.c.created_at, tasks.c.id)
             .limit(1)
             .with_for_update(skip_locked=True)
