@@ -57,3 +57,22 @@ def test_retouch_bench_times_every_stage(tmp_path: Path) -> None:
     assert second["s_per_step"] > 0 and second["peak_memory_gib"] > 0
     parts = sum(second[s] for s in ["text_encode_s", "vae_encode_s", "denoise_s", "vae_decode_s"])
     assert parts <= second["total_s"] * 1.05
+
+
+def test_api_overhead_prints_ratios_against_the_baseline() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "api_overhead.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for scenario in [
+        "baseline GET /ping",
+        "retouch GET /v1/tasks/{id}",
+        "baseline POST /create",
+        "retouch POST /v1/images/generations",
+    ]:
+        assert scenario in result.stdout
+    assert "retouch / baseline" in result.stdout

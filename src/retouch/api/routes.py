@@ -38,15 +38,19 @@ def _service(request: Request) -> TaskService:
     return cast(TaskService, request.app.state.services)
 
 
-async def _in_thread(request: Request, work: Callable[[TaskService, ApiKey], T]) -> T:
-    """Authenticate and do the request's work in one worker-thread hop."""
+async def _in_thread(
+    request: Request, work: Callable[[TaskService, ApiKey], T], *, read_only: bool = False
+) -> T:
+    """Authenticate and do the request's work in one worker-thread hop (or, for
+    reads that cannot wait on a lock, right here)."""
     secret = bearer_secret(request)
     service = _service(request)
-
-    def authenticated() -> T:
-        return work(service, authenticate(service.store, secret))
-
-    return await run_in_threadpool(authenticated)
+    if not service.store.reads_never_wait:
+        return await run_in_threadpool(lambda: work(service, authenticate(service.store, secret)))
+    key = authenticate(service.store, secret)
+    if read_only:
+        return work(service, key)
+    return await run_in_threadpool(work, service, key)
 
 
 async def edit_request(request: Request) -> QwenImageEditRequest:
@@ -124,7 +128,7 @@ async def get_task(task_id: str, request: Request) -> JSONResponse:
     def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
         return service.render(service.get(key, task_id), base_url)
 
-    return JSONResponse(await _in_thread(request, work))
+    return JSONResponse(await _in_thread(request, work, read_only=True))
 
 
 @router.post(
@@ -158,7 +162,8 @@ async def list_models(request: Request) -> JSONResponse:
     def work(service: TaskService, key: ApiKey) -> list[dict[str, Any]]:
         return [model_info(spec).model_dump() for spec in service.served_models(key)]
 
-    return JSONResponse({"object": "list", "data": await _in_thread(request, work)})
+    data = await _in_thread(request, work, read_only=True)
+    return JSONResponse({"object": "list", "data": data})
 
 
 @router.get(

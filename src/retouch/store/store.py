@@ -7,6 +7,8 @@ simply matches no row, on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -17,6 +19,7 @@ from sqlalchemy import (
     Engine,
     Row,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -34,6 +37,24 @@ from retouch.store.schema import api_keys, tasks
 from retouch.tasks import EditParams, Task, TaskError, TaskStatus
 
 SQLITE_POOL_SIZE = 48
+
+# The statements of the hot read paths, built once (building one costs as much as
+# running it on SQLite).
+_KEY_BY_HASH = select(api_keys).where(api_keys.c.key_hash == bindparam("key_hash"))
+_TASK_OF_KEY = select(tasks).where(
+    tasks.c.id == bindparam("task_id"), tasks.c.key_id == bindparam("key_id")
+)
+_TASK_BY_ID = select(tasks).where(tasks.c.id == bindparam("task_id"))
+_QUEUE_AHEAD = select(func.count()).where(
+    tasks.c.status == TaskStatus.PENDING.value,
+    or_(
+        tasks.c.created_at < bindparam("created_at", type_=tasks.c.created_at.type),
+        and_(
+            tasks.c.created_at == bindparam("created_at", type_=tasks.c.created_at.type),
+            tasks.c.id < bindparam("task_id"),
+        ),
+    ),
+)
 _PENDING = TaskStatus.PENDING.value
 _PROCESSING = TaskStatus.PROCESSING.value
 
@@ -79,25 +100,76 @@ class Store:
     def __init__(self, engine: Engine, clock: Clock | None = None) -> None:
         self.engine = engine
         self.clock = clock or SystemClock()
+        # On SQLite each thread keeps its own connections (reads in autocommit):
+        # checking one out of the pool costs three times the query itself.
+        self._reuse_connections = engine.dialect.name == "sqlite"
+        self._local = threading.local()
+        # Each connection with its thread (weakly): closed once that thread has ended.
+        self._connections: list[tuple[weakref.ref[threading.Thread], Connection]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def reads_never_wait(self) -> bool:
+        """SQLite in WAL mode: a read never waits for a writer and takes microseconds,
+        less than handing it to a worker thread."""
+        return self._reuse_connections
 
     @classmethod
     def from_url(cls, url: str, clock: Clock | None = None) -> Store:
         return cls(create_db_engine(url), clock)
 
     def close(self) -> None:
+        with self._lock:
+            for _thread, conn in self._connections:
+                conn.close()
+            self._connections.clear()
         self.engine.dispose()
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        if not self._reuse_connections:
+            with self.engine.begin() as pooled:
+                yield pooled
+            return
+        conn = self._thread_connection("writer")
+        with conn.begin():  # BEGIN IMMEDIATE; COMMIT, or ROLLBACK on an exception
             yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            conn.execution_options(retouch_readonly=True)
-            with conn.begin():
-                yield conn
+        if not self._reuse_connections:
+            with self.engine.connect() as pooled, pooled.begin():
+                yield pooled
+            return
+        conn = self._thread_connection("reader")
+        try:
+            yield conn
+        finally:
+            conn.rollback()  # ends SQLAlchemy's transaction; nothing is open in SQLite
+
+    def _thread_connection(self, role: str) -> Connection:
+        """This thread's own SQLite connection for reads (autocommit) or writes."""
+        conn: Connection | None = getattr(self._local, role, None)
+        if conn is None or conn.closed:
+            conn = self.engine.connect()
+            if role == "reader":
+                conn.execution_options(retouch_readonly=True)
+            setattr(self._local, role, conn)
+            self._register(conn)
+        return conn
+
+    def _register(self, conn: Connection) -> None:
+        """Remember a thread's connection; close those of threads that have ended."""
+        with self._lock:
+            alive = []
+            for thread_ref, known in self._connections:
+                thread = thread_ref()
+                if thread is not None and thread.is_alive():
+                    alive.append((thread_ref, known))
+                else:
+                    known.close()
+            alive.append((weakref.ref(threading.current_thread()), conn))
+            self._connections = alive
 
     # -- keys ---------------------------------------------------------------
 
@@ -131,9 +203,8 @@ class Store:
 
     def find_active_key(self, secret: str) -> ApiKey | None:
         """The key this secret belongs to, unless it is unknown or revoked."""
-        query = select(api_keys).where(api_keys.c.key_hash == hash_secret(secret))
         with self._read() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(_KEY_BY_HASH, {"key_hash": hash_secret(secret)}).first()
         if row is None or row.revoked_at is not None:
             return None
         return _key_from_row(row)
@@ -170,22 +241,18 @@ class Store:
 
     def get_task(self, task_id: str, key_id: str | None = None) -> Task | None:
         """The task, or None when it does not exist or belongs to another key."""
-        query = select(tasks).where(tasks.c.id == task_id)
-        if key_id is not None:
-            query = query.where(tasks.c.key_id == key_id)
         with self._read() as conn:
-            row = conn.execute(query).first()
+            if key_id is None:
+                row = conn.execute(_TASK_BY_ID, {"task_id": task_id}).first()
+            else:
+                row = conn.execute(_TASK_OF_KEY, {"task_id": task_id, "key_id": key_id}).first()
         return None if row is None else _task_from_row(row)
 
     def queue_position(self, task: Task) -> int:
         """How many pending tasks will be started before this one."""
-        ahead = or_(
-            tasks.c.created_at < task.created_at,
-            and_(tasks.c.created_at == task.created_at, tasks.c.id < task.id),
-        )
-        query = select(func.count()).where(tasks.c.status == _PENDING, ahead)
+        values = {"created_at": task.created_at, "task_id": task.id}
         with self._read() as conn:
-            return int(conn.execute(query).scalar_one())
+            return int(conn.execute(_QUEUE_AHEAD, values).scalar_one())
 
     def recent_task_seconds(self, model: str, sample: int = 20) -> float | None:
         """Mean run time of the last completed tasks of this model, if any."""
