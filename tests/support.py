@@ -48,12 +48,16 @@ class Route:
     status: int = 200
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    # Streamed without a Content-Length, one chunk every `drip_seconds`.
+    chunks: Callable[[], Iterator[bytes]] | None = None
+    drip_seconds: float = 0.0
 
 
 class ImageHost:
     """A real HTTP server on loopback that serves whatever a test puts in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "127.0.0.1") -> None:
+        self.address = address
         self.routes: dict[str, Route] = {}
         self.requests: list[str] = []
         host = self
@@ -65,14 +69,24 @@ class ImageHost:
                 self.send_response(route.status)
                 for name, value in route.headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Length", str(len(route.body)))
+                if route.chunks is None:
+                    self.send_header("Content-Length", str(len(route.body)))
+                    self.end_headers()
+                    self.wfile.write(route.body)
+                    return
                 self.end_headers()
-                self.wfile.write(route.body)
+                try:
+                    for chunk in route.chunks():
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        time.sleep(route.drip_seconds)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up, as it should
 
             def log_message(self, *_args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((address, 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -82,8 +96,14 @@ class ImageHost:
         self.routes[path] = Route(status, body, headers)
         return self.url(path)
 
+    def stream(
+        self, path: str, chunks: Callable[[], Iterator[bytes]], drip_seconds: float = 0.0
+    ) -> str:
+        self.routes[path] = Route(chunks=chunks, drip_seconds=drip_seconds)
+        return self.url(path)
+
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.address}:{self.port}{path}"
 
     def close(self) -> None:
         self._server.shutdown()

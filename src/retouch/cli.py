@@ -166,6 +166,7 @@ def keys_revoke(key_id: str, **options: Any) -> None:
     "model", "models_file", "model_name", "family", "steps", "true_cfg_scale", "device",
     "dtype", "offload", "compile", "quantize", "quantize_text_encoder", "lora",
     "lora_weight", "lora_steps", "lora_true_cfg_scale", "data_dir", "allow_private_networks",
+    "fetch_ports",
 )  # fmt: skip
 def bench(
     runs: int, images: tuple[str, ...], size: str, prompt: str, as_json: bool, **options: Any
@@ -191,7 +192,10 @@ def bench(
             f"loaded {spec.name} ({spec.checkpoint}) in {time.perf_counter() - started:.1f} s",
             err=True,
         )
-        fetcher = ImageFetcher(allow_private_networks=settings.allow_private_networks)
+        fetcher = ImageFetcher(
+            allow_private_networks=settings.allow_private_networks,
+            allowed_ports=settings.allowed_fetch_ports,
+        )
         inputs, fetch_seconds = load_inputs(list(images), fetcher, (width, height))
     except (ValueError, ModelLoadError, ModelsFileError, InvalidInputError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -1,31 +1,32 @@
 """Fetching input images from the URLs a client gave.
 
-Strangers choose these URLs, so the fetcher refuses non-public addresses
-(unless `allow_private_networks` is on), follows at most three redirects by
-hand (re-checking every hop), caps the bytes it reads and the time it takes.
+Strangers choose these URLs. Every connection goes through the address guard
+(`retouch.netguard`): one lookup, non-public addresses refused unless
+`allow_private_networks` is on, then a connection to that pinned address.
+Redirects are followed by hand (at most three, each hop checked again), only
+allowed schemes and ports are used, and the bytes read and time taken are capped.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import time
-from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from retouch.errors import InvalidInputError
+from retouch.netguard import (
+    AddressGuard,
+    DestinationRefused,
+    Resolver,
+    guarded_transport,
+    literal_address,
+    system_resolver,
+)
 
 MAX_REDIRECTS = 3
+DEFAULT_PORTS = frozenset({80, 443})
 _REDIRECTS = {301, 302, 303, 307, 308}
-
-Resolver = Callable[[str, int], list[str]]
-
-
-def system_resolver(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in infos})
 
 
 class ImageFetcher:
@@ -33,24 +34,41 @@ class ImageFetcher:
         self,
         *,
         allow_private_networks: bool = False,
+        allowed_ports: frozenset[int] | None = DEFAULT_PORTS,
         max_bytes: int = 10 * 1024 * 1024,
         timeout_seconds: float = 30.0,
         resolver: Resolver = system_resolver,
-        transport: httpx.BaseTransport | None = None,
+        guard: AddressGuard | None = None,
     ) -> None:
-        self.allow_private_networks = allow_private_networks
+        self.guard = guard or AddressGuard(
+            allow_private_networks=allow_private_networks, resolver=resolver
+        )
+        self.allowed_ports = allowed_ports
         self.max_bytes = max_bytes
         self.timeout_seconds = timeout_seconds
-        self._resolver = resolver
         self._client = httpx.Client(
+            transport=guarded_transport(self.guard),
             follow_redirects=False,
             timeout=httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
-            transport=transport,
             headers={"User-Agent": "retouch-fetch/1", "Accept": "image/*"},
         )
 
+    @property
+    def allow_private_networks(self) -> bool:
+        return self.guard.allow_private_networks
+
+    @allow_private_networks.setter
+    def allow_private_networks(self, value: bool) -> None:
+        self.guard.allow_private_networks = value
+
     def close(self) -> None:
         self._client.close()
+
+    def __enter__(self) -> ImageFetcher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def fetch(self, url: str, param: str) -> bytes:
         """The body at `url`, or `InvalidInputError` naming `param` and the reason."""
@@ -86,6 +104,10 @@ class ImageFetcher:
                         param=param,
                     )
                 return None, self._read_capped(response, param, deadline)
+        except DestinationRefused as exc:
+            raise InvalidInputError(str(exc), param=param) from None
+        except httpx.InvalidURL as exc:
+            raise InvalidInputError(f"the URL is not valid: {exc}", param=param) from None
         except httpx.TimeoutException:
             raise InvalidInputError(
                 f"downloading the image timed out after {self.timeout_seconds:g} s", param=param
@@ -117,7 +139,12 @@ class ImageFetcher:
         return f"the image is larger than {self.max_bytes // (1024 * 1024)} MB"
 
     def _check_destination(self, url: str, param: str) -> None:
-        parts = urlsplit(url)
+        """What can be told from the URL alone; the address is checked at connect."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise InvalidInputError(f"the URL is not valid: {url[:100]!r}", param=param) from None
         if parts.scheme not in ("http", "https"):
             raise InvalidInputError(
                 f"only http and https URLs can be fetched, not {parts.scheme or 'no scheme'!r}",
@@ -127,19 +154,13 @@ class ImageFetcher:
             raise InvalidInputError("the URL has no host", param=param)
         if parts.username is not None or parts.password is not None:
             raise InvalidInputError("URLs with a user name or password are refused", param=param)
-        if self.allow_private_networks:
-            return
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
-            addresses = self._resolver(parts.hostname, port)
-        except OSError:
+            literal_address(parts.hostname)  # odd numeric forms are refused by their look
+        except DestinationRefused as exc:
+            raise InvalidInputError(str(exc), param=param) from None
+        port = port or (443 if parts.scheme == "https" else 80)
+        if self.allowed_ports is not None and port not in self.allowed_ports:
+            allowed = ", ".join(str(p) for p in sorted(self.allowed_ports))
             raise InvalidInputError(
-                f"the host {parts.hostname!r} could not be resolved", param=param
-            ) from None
-        for address in addresses:
-            if not ipaddress.ip_address(address.split("%")[0]).is_global:
-                raise InvalidInputError(
-                    f"the host {parts.hostname!r} resolves to a non-public address ({address}); "
-                    "private networks are not reachable from this server",
-                    param=param,
-                )
+                f"port {port} is not allowed; image URLs may use ports {allowed}", param=param
+            )

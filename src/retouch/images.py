@@ -8,6 +8,7 @@ before any pixel is decoded, so a decompression bomb costs nothing.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -57,18 +58,44 @@ def _open(data: bytes, param: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
         raise InvalidInputError(
-            "the image declares too many pixels (a decompression bomb?); "
+            f"the image declares {declared} (a decompression bomb?); "
             f"width and height must be within {MIN_SIDE}-{MAX_SIDE} pixels",
             param=param,
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        claimed = _claimed_format(data)
+        if claimed:
+            raise InvalidInputError(
+                f"the {claimed} file is truncated or corrupt: its header could not be read",
+                param=param,
+            ) from None
         raise InvalidInputError(
             f"the content is not an image in a supported format ({_FORMAT_NAMES}); "
             f"it starts with {data[:16]!r}",
             param=param,
         ) from None
+
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The supported format a file's first bytes claim, if any."""
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

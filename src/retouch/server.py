@@ -195,6 +195,7 @@ def worker_main(settings: Settings, ready: Connection, parent_pid: int) -> None:
         models,
         ImageFetcher(
             allow_private_networks=settings.allow_private_networks,
+            allowed_ports=settings.allowed_fetch_ports,
             max_bytes=settings.max_image_bytes,
             timeout_seconds=settings.fetch_timeout_seconds,
         ),

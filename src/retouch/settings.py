@@ -135,6 +135,11 @@ class Settings(BaseSettings):
         default=False,
         description="Let image URLs reach loopback and private addresses (intranets, tests).",
     )
+    fetch_ports: str = Field(
+        default="80,443",
+        pattern=r"^(any|\d{1,5}(,\d{1,5})*)$",
+        description="Ports image URLs may use: comma-separated, or `any`.",
+    )
     fetch_timeout_seconds: float = Field(
         default=30.0, gt=0, description="Time allowed to download one input image."
     )
@@ -174,6 +179,12 @@ class Settings(BaseSettings):
                 lora=lora,
             )
         ]
+
+    @property
+    def allowed_fetch_ports(self) -> frozenset[int] | None:
+        if self.fetch_ports == "any":
+            return None
+        return frozenset(int(port) for port in self.fetch_ports.split(","))
 
     @property
     def resolved_database_url(self) -> str:

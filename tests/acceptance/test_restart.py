@@ -49,7 +49,16 @@ def test_kill_9_mid_denoise_then_restart_runs_every_task(tmp_path: Path) -> None
         "image_urls": [image],
         "size": "512x512",
     }
-    slow = ServeProcess(data_dir, "--model", "demo", "--allow-private-networks", "--steps", "60")
+    slow = ServeProcess(
+        data_dir,
+        "--model",
+        "demo",
+        "--allow-private-networks",
+        "--fetch-ports",
+        "any",
+        "--steps",
+        "60",
+    )
     slow.start()
     try:
         with httpx.Client(base_url=slow.url, headers=headers, timeout=10) as http:
@@ -68,7 +77,16 @@ def test_kill_9_mid_denoise_then_restart_runs_every_task(tmp_path: Path) -> None
     finally:
         slow.stop()
 
-    fast = ServeProcess(data_dir, "--model", "demo", "--allow-private-networks", "--steps", "2")
+    fast = ServeProcess(
+        data_dir,
+        "--model",
+        "demo",
+        "--allow-private-networks",
+        "--fetch-ports",
+        "any",
+        "--steps",
+        "2",
+    )
     fast.start()
     try:
         with httpx.Client(base_url=fast.url, headers=headers, timeout=10) as http:

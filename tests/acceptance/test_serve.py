@@ -43,7 +43,14 @@ def keys(data_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(data_dir: Path, keys: dict[str, str]) -> Iterator[ServeProcess]:
     process = ServeProcess(
-        data_dir, "--model", "demo", "--allow-private-networks", "--steps", str(STEPS)
+        data_dir,
+        "--model",
+        "demo",
+        "--allow-private-networks",
+        "--fetch-ports",
+        "any",
+        "--steps",
+        str(STEPS),
     )
     process.start()
     yield process

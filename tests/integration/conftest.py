@@ -58,7 +58,7 @@ class Api:
             self.store,
             self.storage,
             {spec.name: LoadedModel(spec, engine)},
-            ImageFetcher(allow_private_networks=True, timeout_seconds=5),
+            ImageFetcher(allow_private_networks=True, allowed_ports=None, timeout_seconds=5),
             WorkerConfig(lease_seconds=lease_seconds, poll_interval_seconds=0.02),
             clock=self.clock,
         )

@@ -1,0 +1,170 @@
+"""Which addresses a stranger's URL may make this server connect to, enforced at
+the socket: every connection (redirect hops included) resolves its host once,
+is refused if any resolved address is not public, and then connects to that
+pinned address. TLS still verifies the certificate of the URL's host name
+(the name is kept for SNI and verification; only the lookup is ours), so DNS
+rebinding has no second lookup to exploit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import httpcore
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], list[str]]
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+# Hosts made only of digits, dots and hex markers are numeric, whatever they spell.
+_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$", re.IGNORECASE)
+
+
+class DestinationRefused(Exception):
+    """A URL's destination is not allowed; the message says why, in plain words."""
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def forbidden_reason(address: IPAddress) -> str | None:
+    """Why this address is not a public internet address (None when it is)."""
+    embedded = _embedded_ipv4(address)
+    if embedded is not None:
+        inner = forbidden_reason(embedded)
+        return f"{inner} (embedded in {address})" if inner else None
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address (where cloud metadata services live)"
+    if isinstance(address, ipaddress.IPv4Address):
+        if address in _CGNAT:
+            return "a shared (carrier-grade NAT) address"
+        if address in _THIS_NETWORK:
+            return "an address of 'this network' (0.0.0.0/8)"
+    if address.is_multicast:
+        return "a multicast address"
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address.is_reserved:
+        return "a reserved address (including broadcast)"
+    if address.is_private:
+        return "a private-network address"
+    if not address.is_global:
+        return "an address that is not publicly routable"
+    return None
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries: mapped, NAT64, 6to4 or Teredo."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    return None
+
+
+class AddressGuard:
+    """Resolves a host once and returns only addresses that may be connected to."""
+
+    def __init__(
+        self,
+        *,
+        allow_private_networks: bool = False,
+        resolver: Resolver = system_resolver,
+        reason_for: Callable[[IPAddress], str | None] = forbidden_reason,
+    ) -> None:
+        self.allow_private_networks = allow_private_networks
+        self._resolver = resolver
+        self._reason_for = reason_for
+
+    def addresses(self, host: str, port: int) -> list[str]:
+        host = host.strip("[]")
+        literal = literal_address(host)
+        if literal is not None:
+            candidates = [literal]
+        else:
+            try:
+                resolved = self._resolver(host, port)
+                candidates = [ipaddress.ip_address(a.split("%")[0]) for a in resolved]
+            except (OSError, ValueError):
+                raise DestinationRefused(f"the host {host!r} could not be resolved") from None
+            if not candidates:
+                raise DestinationRefused(f"the host {host!r} has no address")
+        if not self.allow_private_networks:
+            for address in candidates:
+                reason = self._reason_for(address)
+                if reason:
+                    shown = "" if literal is not None else f" resolves to {address}, which"
+                    raise DestinationRefused(
+                        f"the host {host!r}{shown} is {reason}; this server does not "
+                        "connect to non-public addresses"
+                    )
+        return [str(address) for address in candidates]
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """An IP address written in the standard form, or a refusal for odd forms."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _NUMERIC_HOST.match(host):
+        raise DestinationRefused(
+            f"the host {host!r} is a numeric address in a non-standard form "
+            "(octal, hexadecimal, integer or shortened); write it as a dotted quad"
+        )
+    return None
+
+
+class GuardedBackend(httpcore.SyncBackend):
+    """httpcore's socket layer, with the guard's resolution in place of the OS's."""
+
+    def __init__(self, guard: AddressGuard) -> None:
+        self.guard = guard
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        last_error: httpcore.ConnectError | None = None
+        for address in self.guard.addresses(host, port):
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                last_error = exc
+        raise last_error or httpcore.ConnectError(f"could not connect to {host}")
+
+
+def guarded_transport(guard: AddressGuard) -> httpx.HTTPTransport:
+    """An httpx transport whose every connection goes through `guard`. Proxies are
+    never used (they would connect on our behalf, past the guard)."""
+    transport = httpx.HTTPTransport(trust_env=False)
+    # httpx has no public hook for the network backend; the pool is rebuilt with the
+    # same settings and ours. Trusted CAs still come from SSL_CERT_FILE / SSL_CERT_DIR.
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=httpx.create_ssl_context(trust_env=True),
+        max_connections=10,
+        max_keepalive_connections=0,
+        network_backend=GuardedBackend(guard),
+    )
+    return transport
