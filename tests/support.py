@@ -145,6 +145,14 @@ def wait_for(
         time.sleep(interval)
 
 
+def demo_serve_args(steps: int) -> tuple[str, ...]:
+    """`retouch serve` flags for the demo model, fetching from loopback test hosts."""
+    return (
+        "--model", "demo", "--allow-private-networks", "--fetch-ports", "any",
+        "--steps", str(steps),
+    )  # fmt: skip
+
+
 class ServeProcess:
     """A real `retouch serve` process."""
 

@@ -53,14 +53,6 @@ class ImageFetcher:
             headers={"User-Agent": "retouch-fetch/1", "Accept": "image/*"},
         )
 
-    @property
-    def allow_private_networks(self) -> bool:
-        return self.guard.allow_private_networks
-
-    @allow_private_networks.setter
-    def allow_private_networks(self, value: bool) -> None:
-        self.guard.allow_private_networks = value
-
     def close(self) -> None:
         self._client.close()
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ImageHost, ServeProcess, png_bytes, retouch_cli, wait_for
+from tests.support import ImageHost, ServeProcess, demo_serve_args, png_bytes, retouch_cli, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -49,16 +49,7 @@ def test_kill_9_mid_denoise_then_restart_runs_every_task(tmp_path: Path) -> None
         "image_urls": [image],
         "size": "512x512",
     }
-    slow = ServeProcess(
-        data_dir,
-        "--model",
-        "demo",
-        "--allow-private-networks",
-        "--fetch-ports",
-        "any",
-        "--steps",
-        "60",
-    )
+    slow = ServeProcess(data_dir, *demo_serve_args(60))
     slow.start()
     try:
         with httpx.Client(base_url=slow.url, headers=headers, timeout=10) as http:
@@ -77,16 +68,7 @@ def test_kill_9_mid_denoise_then_restart_runs_every_task(tmp_path: Path) -> None
     finally:
         slow.stop()
 
-    fast = ServeProcess(
-        data_dir,
-        "--model",
-        "demo",
-        "--allow-private-networks",
-        "--fetch-ports",
-        "any",
-        "--steps",
-        "2",
-    )
+    fast = ServeProcess(data_dir, *demo_serve_args(2))
     fast.start()
     try:
         with httpx.Client(base_url=fast.url, headers=headers, timeout=10) as http:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support import ImageHost, ServeProcess, png_bytes, retouch_cli, wait_for
+from tests.support import ImageHost, ServeProcess, demo_serve_args, png_bytes, retouch_cli, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -42,16 +42,7 @@ def keys(data_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(data_dir: Path, keys: dict[str, str]) -> Iterator[ServeProcess]:
-    process = ServeProcess(
-        data_dir,
-        "--model",
-        "demo",
-        "--allow-private-networks",
-        "--fetch-ports",
-        "any",
-        "--steps",
-        str(STEPS),
-    )
+    process = ServeProcess(data_dir, *demo_serve_args(STEPS))
     process.start()
     yield process
     process.stop()

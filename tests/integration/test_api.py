@@ -209,7 +209,7 @@ def test_unfetchable_inputs_fail_with_the_reason(
 
 def test_private_addresses_are_refused_by_default(api: Api, image_host: ImageHost) -> None:
     worker = api.start_worker(FixtureEngine())
-    worker.fetcher.allow_private_networks = False
+    worker.fetcher.guard.allow_private_networks = False
     task = create(api, edit([image_host.add("/a.png", png_bytes())]))
     failed = wait_status(api, task["id"], "failed")
     assert "non-public address" in failed["error"]["message"]
