@@ -53,6 +53,11 @@ class Route:
     drip_seconds: float = 0.0
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that hang up early are part of the tests, not errors."""
+
+
 class ImageHost:
     """A real HTTP server on loopback that serves whatever a test puts in it."""
 
@@ -86,7 +91,7 @@ class ImageHost:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((address, 0), Handler)
+        self._server = _QuietServer((address, 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -156,8 +161,11 @@ def demo_serve_args(steps: int) -> tuple[str, ...]:
 class ServeProcess:
     """A real `retouch serve` process."""
 
-    def __init__(self, data_dir: Path, *args: str, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.env = {**os.environ, **(env or {})}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"serve-{self.port}-{time.monotonic_ns()}.log"
@@ -171,7 +179,9 @@ class ServeProcess:
             "--data-dir", str(self.data_dir), "--port", str(self.port), *self.args,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
         wait_for(self._healthy, timeout=timeout, interval=0.2, what=f"serve on {self.url}")
         return self
 

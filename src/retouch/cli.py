@@ -108,13 +108,17 @@ def keys() -> None:
 @_store_options
 def keys_create(name: str, group: str, **options: Any) -> None:
     """Create a key and print it once; only its digest is stored."""
+    from retouch.callbacks import webhook_secret
     from retouch.server import open_store
 
-    store = open_store(build_settings(**options))
+    settings = build_settings(**options)
+    store = open_store(settings)
     key, secret = store.create_key(name, user_group=group)
     click.echo(secret)
     click.echo(
-        f"Created key {key.id} for {name!r}. This is the only time it is shown: keep it safe.",
+        f"Created key {key.id} for {name!r}. This is the only time it is shown: keep it safe.\n"
+        "Callbacks of its tasks are signed (Standard Webhooks) with "
+        f"{webhook_secret(settings.signing_key(), key.id)}",
         err=True,
     )
 

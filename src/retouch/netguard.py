@@ -12,7 +12,9 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -130,6 +132,45 @@ def literal_address(host: str) -> IPAddress | None:
             "(octal, hexadecimal, integer or shortened); write it as a dotted quad"
         )
     return None
+
+
+@dataclass(frozen=True)
+class UrlRules:
+    """What a URL may look like, checked before anything is resolved: at
+    submission (a 400 naming the parameter) and again before each connection."""
+
+    schemes: frozenset[str]
+    ports: frozenset[int] | None
+    # Refuse hosts written as a non-public IP address (where no guard comes after).
+    refuse_private_literals: bool = True
+
+    def check(self, url: str) -> None:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise DestinationRefused(f"the URL is not valid: {url[:100]!r}") from None
+        if parts.scheme not in self.schemes:
+            allowed = " and ".join(sorted(self.schemes))
+            raise DestinationRefused(
+                f"only {allowed} URLs can be used, not {parts.scheme or 'no scheme'!r}"
+            )
+        if not parts.hostname:
+            raise DestinationRefused("the URL has no host")
+        if parts.username is not None or parts.password is not None:
+            raise DestinationRefused("URLs with a user name or password are refused")
+        port = port or (443 if parts.scheme == "https" else 80)
+        if self.ports is not None and port not in self.ports:
+            allowed_ports = ", ".join(str(p) for p in sorted(self.ports))
+            raise DestinationRefused(f"port {port} is not allowed; allowed ports: {allowed_ports}")
+        literal = literal_address(parts.hostname)
+        if literal is not None and self.refuse_private_literals:
+            reason = forbidden_reason(literal)
+            if reason:
+                raise DestinationRefused(
+                    f"the host {parts.hostname!r} is {reason}; this server does not "
+                    "connect to non-public addresses"
+                )
 
 
 class GuardedBackend(httpcore.SyncBackend):

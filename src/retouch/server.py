@@ -23,10 +23,12 @@ from typing import IO
 
 from retouch.api.app import create_app
 from retouch.api.service import TaskService
+from retouch.callbacks import CallbackDispatcher, CallbackPolicy
 from retouch.clock import SystemClock
 from retouch.errors import ModelLoadError
 from retouch.janitor import Janitor
 from retouch.models import ModelsFileError, ModelSpec
+from retouch.netguard import AddressGuard, UrlRules
 from retouch.prompts import PromptTokenCounter
 from retouch.settings import Settings
 from retouch.storage import LocalResultStorage
@@ -75,6 +77,7 @@ def serve(settings: Settings) -> None:
             interval_seconds=settings.janitor_interval_seconds,
         )
         janitor.start()
+        public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
         service = TaskService(
             store,
             storage,
@@ -82,12 +85,36 @@ def serve(settings: Settings) -> None:
             specs,
             public_url=settings.public_url,
             tokens=PromptTokenCounter(settings.models_dir),
+            image_rules=UrlRules(
+                schemes=frozenset({"http", "https"}),
+                ports=settings.allowed_fetch_ports,
+                refuse_private_literals=not settings.allow_private_networks,
+            ),
+            callback_rules=UrlRules(
+                schemes=frozenset({"https"}),
+                ports=settings.allowed_callback_ports,
+                refuse_private_literals=not settings.allow_private_networks,
+            ),
         )
+        dispatcher = CallbackDispatcher(
+            store,
+            lambda task: service.render(task, public_url),
+            settings.signing_key(),
+            clock,
+            CallbackPolicy(
+                timeout_seconds=settings.callback_timeout_seconds,
+                retry_delays=settings.callback_retry_schedule,
+                allowed_ports=settings.allowed_callback_ports,
+            ),
+            guard=AddressGuard(allow_private_networks=settings.allow_private_networks),
+        )
+        dispatcher.start()
         app = create_app(service, max_request_bytes=settings.max_request_bytes)
         _print_hint(settings, store, specs)
         try:
             uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
         finally:
+            dispatcher.stop()
             janitor.stop()
             if supervisor is not None:
                 supervisor.stop()

@@ -147,6 +147,21 @@ class Settings(BaseSettings):
         default=10 * 1024 * 1024, ge=1024, description="Largest input image download."
     )
 
+    # Callbacks.
+    callback_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=60, description="Time a callback receiver has to answer."
+    )
+    callback_retry_delays: str = Field(
+        default="1,2,4",
+        pattern=r"^(\d+(\.\d+)?(,\d+(\.\d+)?)*)?$",
+        description="Seconds before each retry of a failed callback (empty: no retries).",
+    )
+    callback_ports: str = Field(
+        default="443",
+        pattern=r"^(any|\d{1,5}(,\d{1,5})*)$",
+        description="Ports callback URLs may use: comma-separated, or `any`.",
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -182,9 +197,15 @@ class Settings(BaseSettings):
 
     @property
     def allowed_fetch_ports(self) -> frozenset[int] | None:
-        if self.fetch_ports == "any":
-            return None
-        return frozenset(int(port) for port in self.fetch_ports.split(","))
+        return _ports(self.fetch_ports)
+
+    @property
+    def allowed_callback_ports(self) -> frozenset[int] | None:
+        return _ports(self.callback_ports)
+
+    @property
+    def callback_retry_schedule(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in self.callback_retry_delays.split(",") if s)
 
     @property
     def resolved_database_url(self) -> str:
@@ -219,3 +240,10 @@ class Settings(BaseSettings):
             finally:
                 staging.unlink()
         return path.read_text().strip().encode()
+
+
+def _ports(spec: str) -> frozenset[int] | None:
+    """`any`, or a comma-separated list of ports."""
+    if spec == "any":
+        return None
+    return frozenset(int(port) for port in spec.split(","))

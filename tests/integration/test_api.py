@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
+from retouch.api.schemas import QwenImageEditRequest
+from retouch.api.service import TaskService
+from retouch.clock import FakeClock
 from retouch.engine.fixture import FixtureEngine
+from retouch.errors import InvalidRequestError
+from retouch.netguard import UrlRules
+from retouch.storage import LocalResultStorage
+from retouch.store import Store
 from retouch.tasks import TaskStatus
-from tests.integration.conftest import MAX_REQUEST_BYTES, Api
+from tests.integration.conftest import MAX_REQUEST_BYTES, SPEC, Api
 from tests.support import ImageHost, png_bytes, wait_for
 
 GENERATIONS = "/v1/images/generations"
@@ -365,6 +373,7 @@ def test_unknown_route_and_wrong_method(api: Api) -> None:
 
 def test_internal_errors_are_500_without_a_traceback(api: Api) -> None:
     with api.store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE callback_deliveries")
         conn.exec_driver_sql("DROP TABLE tasks")
     with api.client() as client:
         response = client.get("/v1/tasks/task-unified-1-abcdefgh")
@@ -474,3 +483,66 @@ def test_inputs_of_the_next_task_are_fetched_while_the_engine_runs(
     assert engine.runs == 1
     wait_status(api, second["id"], "completed")
     assert task_detail(api, first["id"])["status"] == "completed"
+
+
+# -- callbacks ------------------------------------------------------------
+
+
+def test_callback_state_and_redelivery(api: Api, image_host: ImageHost) -> None:
+    api.start_worker(FixtureEngine())
+    hook = "https://hooks.example.com/retouch"
+    task = create(api, edit([image_host.add("/a.png", png_bytes())], callback_url=hook))
+    assert task_detail(api, task["id"])["callback"]["status"] in ("waiting", "pending")
+    done = wait_status(api, task["id"], "completed")
+    assert done["callback"] == {"status": "pending", "attempts": 0, "last_status_code": None}
+    first = api.store.latest_delivery(task["id"])
+    with api.client() as client:
+        response = client.post(f"/v1/tasks/{task['id']}/callback/redeliver")
+    assert response.status_code == 200 and response.json()["id"] == task["id"]
+    second = api.store.latest_delivery(task["id"])
+    assert first is not None and second is not None and first.id != second.id
+    assert second.url == hook
+
+
+def test_redelivery_refusals(api: Api) -> None:
+    hook = "https://hooks.example.com/retouch"
+    pending = create(api, edit(["https://a.example/a.png"], callback_url=hook))
+    plain = create(api, edit(["https://a.example/a.png"]))
+    api.store.request_cancel(plain["id"], api.store.find_active_key(api.secret).id)  # type: ignore[union-attr]
+    _key, other = api.store.create_key("mallory")
+    with api.client() as client:
+        too_early = client.post(f"/v1/tasks/{pending['id']}/callback/redeliver")
+        no_hook = client.post(f"/v1/tasks/{plain['id']}/callback/redeliver")
+    with api.client(other) as client:
+        not_yours = client.post(f"/v1/tasks/{pending['id']}/callback/redeliver")
+    assert_error(too_early, 409, "conflict_error", "task_id")
+    assert_error(no_hook, 400, "invalid_request_error", "task_id")
+    assert_error(not_yours, 404, "not_found_error", "task_id")
+
+
+def test_urls_are_checked_by_their_look_at_submission(store: Store, clock: FakeClock) -> None:
+    strict = TaskService(
+        store,
+        LocalResultStorage(Path("unused"), b"k", clock),
+        clock,
+        [SPEC],
+        image_rules=UrlRules(schemes=frozenset({"http", "https"}), ports=frozenset({80, 443})),
+        callback_rules=UrlRules(schemes=frozenset({"https"}), ports=frozenset({443})),
+    )
+    key = store.create_key("alice")[0]
+    good = "https://example.com/a.png"
+    for changes, param, reason in [
+        ({"image_urls": [good, "http://192.168.1.20/a.png"]}, "image_urls[1]", "private"),
+        ({"image_urls": ["http://example.com:22/a.png"]}, "image_urls[0]", "port 22"),
+        ({"callback_url": "https://10.0.0.1/hook"}, "callback_url", "private"),
+        ({"callback_url": "https://hooks.example.com:8443/"}, "callback_url", "port 8443"),
+        ({"callback_url": "https://user@hooks.example.com/"}, "callback_url", "user name"),
+    ]:
+        request = QwenImageEditRequest.model_validate({**edit([good]), **changes})
+        with pytest.raises(InvalidRequestError) as info:
+            strict.create(key, request)
+        assert info.value.param == param and reason in info.value.message
+    assert (
+        store.queue_position(strict.create(key, QwenImageEditRequest.model_validate(edit([good]))))
+        == 0
+    )

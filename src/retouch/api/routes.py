@@ -150,6 +150,28 @@ async def cancel_task(task_id: str, request: Request) -> JSONResponse:
     return JSONResponse(await _in_thread(request, work))
 
 
+@router.post(
+    "/v1/tasks/{task_id}/callback/redeliver",
+    operation_id="redeliverCallback",
+    summary="Send a finished task's callback again (extension)",
+    description="Queues a new delivery (a new `webhook-id`) of the task detail to the task's "
+    "`callback_url`. 400 when the task has no callback_url; 409 while it is not finished.",
+    tags=["Task Management"],
+    responses={
+        200: {"model": TaskDetail, "description": "Task detail"},
+        **_errors(400, 401, 404, 409),
+    },
+    openapi_extra={"security": SECURITY},
+)
+async def redeliver_callback(task_id: str, request: Request) -> JSONResponse:
+    base_url = str(request.base_url)
+
+    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
+        return service.render(service.redeliver(key, task_id), base_url)
+
+    return JSONResponse(await _in_thread(request, work))
+
+
 @router.get(
     "/v1/models",
     operation_id="listModels",

@@ -160,11 +160,22 @@ class ImageGenerationResponse(BaseModel):
     usage: Usage
 
 
+class CallbackState(BaseModel):
+    """Extension: the delivery of the task's callback."""
+
+    status: Literal["waiting", "pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None = None
+
+
 class TaskDetail(ImageGenerationResponse):
     results: list[str] | None = Field(
         default=None, description="Result links once completed; valid for 24 hours by default"
     )
     error: TaskErrorInfo | None = Field(default=None, description="Extension: on failed tasks")
+    callback: CallbackState | None = Field(
+        default=None, description="Extension: on tasks with a callback_url"
+    )
 
 
 class ModelDefaults(BaseModel):

@@ -11,6 +11,7 @@ from retouch.clock import Clock
 from retouch.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from retouch.keys import ApiKey
 from retouch.models import ModelSpec
+from retouch.netguard import DestinationRefused, UrlRules
 from retouch.prompts import MAX_PROMPT_TOKENS, PromptTokenCounter
 from retouch.storage import ResultStorage
 from retouch.store import Store
@@ -29,6 +30,8 @@ class TaskService:
         models: list[ModelSpec],
         public_url: str | None = None,
         tokens: PromptTokenCounter | None = None,
+        image_rules: UrlRules | None = None,
+        callback_rules: UrlRules | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -36,6 +39,8 @@ class TaskService:
         self.models = {model.name: model for model in models}
         self.public_url = public_url
         self.tokens = tokens
+        self.image_rules = image_rules
+        self.callback_rules = callback_rules
         self._durations: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
@@ -91,6 +96,7 @@ class TaskService:
                 f"each side at most {spec.max_output_side}",
                 param="size",
             )
+        self._check_urls(request)
         tokens = self.tokens.count(spec, request.prompt) if self.tokens else None
         if tokens is not None and tokens > MAX_PROMPT_TOKENS:
             raise InvalidRequestError(
@@ -98,6 +104,22 @@ class TaskService:
                 f"the limit is {MAX_PROMPT_TOKENS}",
                 param="prompt",
             )
+
+    def _check_urls(self, request: QwenImageEditRequest) -> None:
+        """What the URLs show by themselves; their addresses are checked again when
+        the worker connects (a name may resolve anywhere)."""
+        checks = [
+            (url, f"image_urls[{i}]", self.image_rules) for i, url in enumerate(request.image_urls)
+        ]
+        if request.callback_url:
+            checks.append((request.callback_url, "callback_url", self.callback_rules))
+        for url, param, rules in checks:
+            if rules is None:
+                continue
+            try:
+                rules.check(url)
+            except DestinationRefused as exc:
+                raise InvalidRequestError(f"`{param}`: {exc}", param=param) from None
 
     def get(self, key: ApiKey, task_id: str) -> Task:
         """The caller's task; another key's task is indistinguishable from none."""
@@ -134,6 +156,8 @@ class TaskService:
             body["results"] = [
                 self.storage.link(base, key, task.results_expire_at) for key in task.result_keys
             ]
+        if detail and task.params.callback_url:
+            body["callback"] = self.callback_state(task)
         if detail and task.error is not None:
             error = task.error
             rendered = {"code": error.code, "message": error.message, "type": error.type}
@@ -141,6 +165,20 @@ class TaskService:
                 rendered["param"] = error.param
             body["error"] = rendered
         return body
+
+    def callback_state(self, task: Task) -> dict[str, Any]:
+        """Extension: where the task's callback delivery stands."""
+        delivery = self.store.latest_delivery(task.id)
+        if delivery is None:
+            return {"status": "waiting", "attempts": 0, "last_status_code": None}
+        return {
+            "status": delivery.status,
+            "attempts": delivery.attempts,
+            "last_status_code": delivery.last_status_code,
+        }
+
+    def redeliver(self, key: ApiKey, task_id: str) -> Task:
+        return self.store.redeliver(task_id, key.id)
 
     def estimated_time(self, task: Task) -> int:
         """Seconds until done: recent run times, this task's progress and the queue ahead."""

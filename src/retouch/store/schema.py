@@ -95,3 +95,23 @@ tasks = Table(
     Index("ix_tasks_key_created", "key_id", "created_at"),
     Index("ix_tasks_results_expire", "results_purged", "results_expire_at"),
 )
+
+# The callback outbox: one row per delivery, written in the transaction that
+# finalizes the task; `id` is the Standard Webhooks `webhook-id`.
+callback_deliveries = Table(
+    "callback_deliveries",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime(), nullable=True),
+    Column("locked_until", UTCDateTime(), nullable=True),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Index("ix_callback_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_callback_deliveries_task", "task_id", "created_at"),
+)

@@ -31,9 +31,10 @@ from sqlalchemy import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from retouch.clock import Clock, SystemClock
-from retouch.errors import ConflictError, NotFoundError
+from retouch.errors import ConflictError, InvalidRequestError, NotFoundError
 from retouch.keys import ApiKey, display_prefix, generate_secret, hash_secret, new_key_id
-from retouch.store.schema import api_keys, tasks
+from retouch.store import outbox
+from retouch.store.schema import api_keys, callback_deliveries, tasks
 from retouch.tasks import EditParams, Task, TaskError, TaskStatus
 
 SQLITE_POOL_SIZE = 48
@@ -396,9 +397,11 @@ class Store:
             .values(status=_PENDING, progress=0, lease_owner=None, lease_expires_at=None)
         )
         with self._write() as conn:
-            failed = conn.execute(exhausted).rowcount
+            failed = conn.execute(exhausted.returning(tasks.c.id, tasks.c.params)).all()
+            for row in failed:
+                outbox.enqueue(conn, row.id, row.params, now)
             requeued = conn.execute(requeue).rowcount
-        return int(failed + requeued)
+        return len(failed) + int(requeued)
 
     # -- the client's side ---------------------------------------------------
 
@@ -407,11 +410,14 @@ class Store:
         now = self.clock.now()
         mine = and_(tasks.c.id == task_id, tasks.c.key_id == key_id)
         with self._write() as conn:
-            conn.execute(
+            cancelled = conn.execute(
                 update(tasks)
                 .where(mine, tasks.c.status == _PENDING)
                 .values(status=TaskStatus.CANCELLED.value, finished_at=now, cancel_requested=True)
-            )
+                .returning(tasks.c.params)
+            ).first()
+            if cancelled is not None:
+                outbox.enqueue(conn, task_id, cancelled.params, now)
             conn.execute(
                 update(tasks)
                 .where(mine, tasks.c.status == _PROCESSING)
@@ -464,16 +470,124 @@ class Store:
             return conn.execute(statement).rowcount == 1
 
     def _finish(self, task_id: str, worker_id: str, status: TaskStatus, **values: Any) -> bool:
-        """Move a leased task to a terminal state; False if the lease was lost."""
-        return self._update_leased(
-            task_id,
-            worker_id,
-            status=status.value,
-            finished_at=self.clock.now(),
-            lease_owner=None,
-            lease_expires_at=None,
-            **values,
+        """Move a leased task to a terminal state and queue its callback, in one
+        transaction; False if the lease was lost."""
+        now = self.clock.now()
+        statement = (
+            update(tasks)
+            .where(
+                tasks.c.id == task_id,
+                tasks.c.status == _PROCESSING,
+                tasks.c.lease_owner == worker_id,
+            )
+            .values(
+                status=status.value,
+                finished_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                **values,
+            )
+            .returning(tasks.c.params)
         )
+        with self._write() as conn:
+            row = conn.execute(statement).first()
+            if row is not None:
+                outbox.enqueue(conn, task_id, row.params, now)
+        return row is not None
+
+    # -- callback deliveries ---------------------------------------------------
+
+    def claim_due_deliveries(self, limit: int, lock_seconds: float) -> list[outbox.Delivery]:
+        """Deliveries whose next attempt is due, locked for `lock_seconds` so that
+        no other dispatcher sends them meanwhile."""
+        now = self.clock.now()
+        due = (
+            select(callback_deliveries.c.id)
+            .where(
+                callback_deliveries.c.status == outbox.PENDING,
+                callback_deliveries.c.next_attempt_at <= now,
+                or_(
+                    callback_deliveries.c.locked_until.is_(None),
+                    callback_deliveries.c.locked_until < now,
+                ),
+            )
+            .order_by(callback_deliveries.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            update(callback_deliveries)
+            .where(callback_deliveries.c.id.in_(due.scalar_subquery()))
+            .values(locked_until=now + timedelta(seconds=lock_seconds))
+            .returning(*callback_deliveries.c)
+        )
+        with self._write() as conn:
+            return [outbox.delivery_from_row(row) for row in conn.execute(claim)]
+
+    def record_attempt(
+        self,
+        delivery_id: str,
+        *,
+        delivered: bool,
+        status_code: int | None,
+        error: str | None,
+        retry_at: datetime | None,
+    ) -> None:
+        """One more attempt: delivered, to be retried at `retry_at`, or given up."""
+        now = self.clock.now()
+        if delivered:
+            status, finished = outbox.DELIVERED, now
+        elif retry_at is None:
+            status, finished = outbox.FAILED, now
+        else:
+            status, finished = outbox.PENDING, None
+        with self._write() as conn:
+            conn.execute(
+                update(callback_deliveries)
+                .where(callback_deliveries.c.id == delivery_id)
+                .values(
+                    status=status,
+                    attempts=callback_deliveries.c.attempts + 1,
+                    last_status_code=status_code,
+                    last_error=error,
+                    next_attempt_at=retry_at,
+                    locked_until=None,
+                    finished_at=finished,
+                )
+            )
+
+    def latest_delivery(self, task_id: str) -> outbox.Delivery | None:
+        query = (
+            select(callback_deliveries)
+            .where(callback_deliveries.c.task_id == task_id)
+            .order_by(callback_deliveries.c.created_at.desc(), callback_deliveries.c.id.desc())
+            .limit(1)
+        )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else outbox.delivery_from_row(row)
+
+    def redeliver(self, task_id: str, key_id: str) -> Task:
+        """Queue a new delivery (a new `webhook-id`) for a finished task's callback."""
+        with self._write() as conn:
+            row = conn.execute(
+                select(tasks).where(tasks.c.id == task_id, tasks.c.key_id == key_id)
+            ).first()
+            if row is None:
+                raise NotFoundError(f"No task found with id '{task_id}'", param="task_id")
+            task = _task_from_row(row)
+            if not task.params.callback_url:
+                raise InvalidRequestError(
+                    f"Task '{task_id}' has no callback_url to deliver to", param="task_id"
+                )
+            if not task.status.is_terminal:
+                raise ConflictError(
+                    f"Task '{task_id}' is still {task.status.value}; its callback is sent "
+                    "once it finishes",
+                    param="task_id",
+                )
+            outbox.enqueue(conn, task_id, row.params, self.clock.now())
+        return task
 
 
 def _error_values(error: TaskError) -> dict[str, Any]:
