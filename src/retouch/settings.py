@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
     public_url: str | None = Field(
         default=None,
-        description="Base URL used in result links; default: the URL the request came in on.",
+        description="Base URL of result links (set it behind a proxy or when serving beyond "
+        "loopback); default: the URL a request came in on, and http://HOST:PORT in callbacks.",
     )
     max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
 

@@ -25,6 +25,7 @@ from retouch.api.schemas import (
 from retouch.api.service import TaskService
 from retouch.errors import InvalidRequestError, PermissionDeniedError
 from retouch.keys import ApiKey
+from retouch.tasks import Task
 
 router = APIRouter()
 T = TypeVar("T")
@@ -51,6 +52,21 @@ async def _in_thread(
     if read_only:
         return work(service, key)
     return await run_in_threadpool(work, service, key)
+
+
+async def _task_detail(
+    request: Request,
+    action: Callable[[TaskService, ApiKey], Task],
+    *,
+    read_only: bool = False,
+) -> JSONResponse:
+    """Act on one of the caller's tasks and answer with its detail."""
+    base_url = str(request.base_url)
+
+    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
+        return service.render(action(service, key), base_url)
+
+    return JSONResponse(await _in_thread(request, work, read_only=read_only))
 
 
 async def edit_request(request: Request) -> QwenImageEditRequest:
@@ -123,12 +139,7 @@ async def create_generation(request: Request) -> JSONResponse:
     openapi_extra={"security": SECURITY},
 )
 async def get_task(task_id: str, request: Request) -> JSONResponse:
-    base_url = str(request.base_url)
-
-    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
-        return service.render(service.get(key, task_id), base_url)
-
-    return JSONResponse(await _in_thread(request, work, read_only=True))
+    return await _task_detail(request, lambda s, key: s.get(key, task_id), read_only=True)
 
 
 @router.post(
@@ -142,12 +153,7 @@ async def get_task(task_id: str, request: Request) -> JSONResponse:
     openapi_extra={"security": SECURITY},
 )
 async def cancel_task(task_id: str, request: Request) -> JSONResponse:
-    base_url = str(request.base_url)
-
-    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
-        return service.render(service.cancel(key, task_id), base_url)
-
-    return JSONResponse(await _in_thread(request, work))
+    return await _task_detail(request, lambda s, key: s.cancel(key, task_id))
 
 
 @router.post(
@@ -164,12 +170,7 @@ async def cancel_task(task_id: str, request: Request) -> JSONResponse:
     openapi_extra={"security": SECURITY},
 )
 async def redeliver_callback(task_id: str, request: Request) -> JSONResponse:
-    base_url = str(request.base_url)
-
-    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
-        return service.render(service.redeliver(key, task_id), base_url)
-
-    return JSONResponse(await _in_thread(request, work))
+    return await _task_detail(request, lambda s, key: s.redeliver(key, task_id))
 
 
 @router.get(
