@@ -22,6 +22,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    exists,
     func,
     insert,
     or_,
@@ -282,6 +283,8 @@ class Store:
         pending = tasks.c.status == _PENDING
         if models is not None:
             pending = and_(pending, tasks.c.model.in_(models))
+        if not self._any(pending):
+            return None  # idle polls stay reads: no write lock taken for nothing
         oldest = (
             select(tasks.c.id)
             .where(pending)
@@ -456,6 +459,11 @@ class Store:
 
     # -- helpers ------------------------------------------------------------
 
+    def _any(self, condition: Any) -> bool:
+        """Whether a row matches: a cheap read before a claim that would take a write lock."""
+        with self._read() as conn:
+            return bool(conn.execute(select(exists().where(condition))).scalar())
+
     def _update_leased(self, task_id: str, worker_id: str, **values: Any) -> bool:
         statement = (
             update(tasks)
@@ -501,16 +509,19 @@ class Store:
         """Deliveries whose next attempt is due, locked for `lock_seconds` so that
         no other dispatcher sends them meanwhile."""
         now = self.clock.now()
+        is_due = and_(
+            callback_deliveries.c.status == outbox.PENDING,
+            callback_deliveries.c.next_attempt_at <= now,
+            or_(
+                callback_deliveries.c.locked_until.is_(None),
+                callback_deliveries.c.locked_until < now,
+            ),
+        )
+        if not self._any(is_due):
+            return []
         due = (
             select(callback_deliveries.c.id)
-            .where(
-                callback_deliveries.c.status == outbox.PENDING,
-                callback_deliveries.c.next_attempt_at <= now,
-                or_(
-                    callback_deliveries.c.locked_until.is_(None),
-                    callback_deliveries.c.locked_until < now,
-                ),
-            )
+            .where(is_due)
             .order_by(callback_deliveries.c.next_attempt_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
