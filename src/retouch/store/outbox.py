@@ -6,12 +6,16 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, insert
+from sqlalchemy import Connection, Row, and_, insert, or_, select, update
 
-from retouch.store.schema import callback_deliveries
+from retouch.errors import ConflictError, InvalidRequestError, NotFoundError
+from retouch.store.base import StoreBase
+from retouch.store.rows import task_from_row
+from retouch.store.schema import callback_deliveries, tasks
+from retouch.tasks import Task
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -66,3 +70,102 @@ def delivery_from_row(row: Row[Any]) -> Delivery:
         last_error=row.last_error,
         created_at=row.created_at,
     )
+
+
+class OutboxStore(StoreBase):
+    """Claiming, recording and redelivering callback deliveries."""
+
+    def claim_due_deliveries(self, limit: int, lock_seconds: float) -> list[Delivery]:
+        """Deliveries whose next attempt is due, locked for `lock_seconds` so that
+        no other dispatcher sends them meanwhile."""
+        now = self.clock.now()
+        is_due = and_(
+            callback_deliveries.c.status == PENDING,
+            callback_deliveries.c.next_attempt_at <= now,
+            or_(
+                callback_deliveries.c.locked_until.is_(None),
+                callback_deliveries.c.locked_until < now,
+            ),
+        )
+        if not self._any(is_due):
+            return []
+        due = (
+            select(callback_deliveries.c.id)
+            .where(is_due)
+            .order_by(callback_deliveries.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            update(callback_deliveries)
+            .where(callback_deliveries.c.id.in_(due.scalar_subquery()))
+            .values(locked_until=now + timedelta(seconds=lock_seconds))
+            .returning(*callback_deliveries.c)
+        )
+        with self._write() as conn:
+            return [delivery_from_row(row) for row in conn.execute(claim)]
+
+    def record_attempt(
+        self,
+        delivery_id: str,
+        *,
+        delivered: bool,
+        status_code: int | None,
+        error: str | None,
+        retry_at: datetime | None,
+    ) -> None:
+        """One more attempt: delivered, to be retried at `retry_at`, or given up."""
+        now = self.clock.now()
+        if delivered:
+            status, finished = DELIVERED, now
+        elif retry_at is None:
+            status, finished = FAILED, now
+        else:
+            status, finished = PENDING, None
+        with self._write() as conn:
+            conn.execute(
+                update(callback_deliveries)
+                .where(callback_deliveries.c.id == delivery_id)
+                .values(
+                    status=status,
+                    attempts=callback_deliveries.c.attempts + 1,
+                    last_status_code=status_code,
+                    last_error=error,
+                    next_attempt_at=retry_at,
+                    locked_until=None,
+                    finished_at=finished,
+                )
+            )
+
+    def latest_delivery(self, task_id: str) -> Delivery | None:
+        query = (
+            select(callback_deliveries)
+            .where(callback_deliveries.c.task_id == task_id)
+            .order_by(callback_deliveries.c.created_at.desc(), callback_deliveries.c.id.desc())
+            .limit(1)
+        )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else delivery_from_row(row)
+
+    def redeliver(self, task_id: str, key_id: str) -> Task:
+        """Queue a new delivery (a new `webhook-id`) for a finished task's callback."""
+        with self._write() as conn:
+            row = conn.execute(
+                select(tasks).where(tasks.c.id == task_id, tasks.c.key_id == key_id)
+            ).first()
+            if row is None:
+                raise NotFoundError(f"No task found with id '{task_id}'", param="task_id")
+            task = task_from_row(row)
+            if not task.params.callback_url:
+                raise InvalidRequestError(
+                    f"Task '{task_id}' has no callback_url to deliver to", param="task_id"
+                )
+            if not task.status.is_terminal:
+                raise ConflictError(
+                    f"Task '{task_id}' is still {task.status.value}; its callback is sent "
+                    "once it finishes",
+                    param="task_id",
+                )
+            enqueue(conn, task_id, row.params, self.clock.now())
+        return task

@@ -1,0 +1,141 @@
+"""The store's foundation: engines tuned per backend and connection handling."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Self
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    exists,
+    select,
+)
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from retouch.clock import Clock, SystemClock
+
+SQLITE_POOL_SIZE = 48
+
+
+def create_db_engine(url: str) -> Engine:
+    """An engine tuned for the backend: SQLite gets WAL, a busy timeout and
+    `BEGIN IMMEDIATE` for writes, so concurrent writers queue instead of failing."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    # One pooled connection per thread that may run a query (the API's thread pool
+    # is 40): connections beyond the pool would be opened and closed per request.
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        pool_size=SQLITE_POOL_SIZE,
+        max_overflow=SQLITE_POOL_SIZE,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None  # transactions are begun below
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=NORMAL",
+            "busy_timeout=30000",
+            "foreign_keys=ON",
+        ):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        # Reads run in autocommit (each statement sees one snapshot); writes take
+        # the write lock up front so that two writers never deadlock on upgrade.
+        if not connection.get_execution_options().get("retouch_readonly", False):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class StoreBase:
+    def __init__(self, engine: Engine, clock: Clock | None = None) -> None:
+        self.engine = engine
+        self.clock = clock or SystemClock()
+        # On SQLite each thread keeps its own connections (reads in autocommit):
+        # checking one out of the pool costs three times the query itself.
+        self._reuse_connections = engine.dialect.name == "sqlite"
+        self._local = threading.local()
+        # Each connection with its thread (weakly): closed once that thread has ended.
+        self._connections: list[tuple[weakref.ref[threading.Thread], Connection]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def reads_never_wait(self) -> bool:
+        """SQLite in WAL mode: a read never waits for a writer and takes microseconds,
+        less than handing it to a worker thread."""
+        return self._reuse_connections
+
+    @classmethod
+    def from_url(cls, url: str, clock: Clock | None = None) -> Self:
+        return cls(create_db_engine(url), clock)
+
+    def close(self) -> None:
+        with self._lock:
+            for _thread, conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        if not self._reuse_connections:
+            with self.engine.begin() as pooled:
+                yield pooled
+            return
+        conn = self._thread_connection("writer")
+        with conn.begin():  # BEGIN IMMEDIATE; COMMIT, or ROLLBACK on an exception
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        if not self._reuse_connections:
+            with self.engine.connect() as pooled, pooled.begin():
+                yield pooled
+            return
+        conn = self._thread_connection("reader")
+        try:
+            yield conn
+        finally:
+            conn.rollback()  # ends SQLAlchemy's transaction; nothing is open in SQLite
+
+    def _thread_connection(self, role: str) -> Connection:
+        """This thread's own SQLite connection for reads (autocommit) or writes."""
+        conn: Connection | None = getattr(self._local, role, None)
+        if conn is None or conn.closed:
+            conn = self.engine.connect()
+            if role == "reader":
+                conn.execution_options(retouch_readonly=True)
+            setattr(self._local, role, conn)
+            self._register(conn)
+        return conn
+
+    def _register(self, conn: Connection) -> None:
+        """Remember a thread's connection; close those of threads that have ended."""
+        with self._lock:
+            alive = []
+            for thread_ref, known in self._connections:
+                thread = thread_ref()
+                if thread is not None and thread.is_alive():
+                    alive.append((thread_ref, known))
+                else:
+                    known.close()
+            alive.append((weakref.ref(threading.current_thread()), conn))
+            self._connections = alive
+
+    def _any(self, condition: Any) -> bool:
+        """Whether a row matches: a cheap read before a claim that would take a write lock."""
+        with self._read() as conn:
+            return bool(conn.execute(select(exists().where(condition))).scalar())

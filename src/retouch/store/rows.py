@@ -1,0 +1,61 @@
+"""Rows to domain objects, shared by the store's parts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Row
+
+from retouch.keys import ApiKey
+from retouch.tasks import EditParams, Task, TaskError, TaskStatus
+
+
+def error_values(error: TaskError) -> dict[str, Any]:
+    return {
+        "error_code": error.code,
+        "error_type": error.type,
+        "error_message": error.message,
+        "error_param": error.param,
+    }
+
+
+def task_from_row(row: Row[Any]) -> Task:
+    error = None
+    if row.error_type is not None:
+        error = TaskError(
+            code=row.error_code,
+            type=row.error_type,
+            message=row.error_message,
+            param=row.error_param,
+        )
+    return Task(
+        id=row.id,
+        key_id=row.key_id,
+        model=row.model,
+        status=TaskStatus(row.status),
+        progress=row.progress,
+        params=EditParams.from_json(row.params),
+        created_at=row.created_at,
+        user_group=row.user_group,
+        credits_reserved=row.credits_reserved,
+        attempts=row.attempts,
+        cancel_requested=bool(row.cancel_requested),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        lease_owner=row.lease_owner,
+        lease_expires_at=row.lease_expires_at,
+        error=error,
+        result_keys=list(row.result_keys or []),
+        results_expire_at=row.results_expire_at,
+    )
+
+
+def key_from_row(row: Row[Any]) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        user_group=row.user_group,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
