@@ -77,10 +77,9 @@ class CallbackDispatcher:
         self.poll_seconds = poll_seconds
         self.concurrency = concurrency
         guard = guard or AddressGuard()
-        self._rules = UrlRules(
-            schemes=frozenset({"https"}),
-            ports=self.policy.allowed_ports,
-            refuse_private_literals=False,  # the guard decides every address, at connect
+        # The guard decides every address, at connect.
+        self._rules = UrlRules.for_callbacks(
+            self.policy.allowed_ports, refuse_private_literals=False
         )
         self._client = httpx.Client(
             transport=guarded_transport(guard),

@@ -43,11 +43,8 @@ class ImageFetcher:
         self.guard = guard or AddressGuard(
             allow_private_networks=allow_private_networks, resolver=resolver
         )
-        self.rules = UrlRules(
-            schemes=frozenset({"http", "https"}),
-            ports=allowed_ports,
-            refuse_private_literals=False,  # the guard decides every address, at connect
-        )
+        # The guard decides every address, at connect.
+        self.rules = UrlRules.for_images(allowed_ports, refuse_private_literals=False)
         self.max_bytes = max_bytes
         self.timeout_seconds = timeout_seconds
         self._client = httpx.Client(

@@ -29,11 +29,6 @@ class Janitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def run_once(self) -> tuple[int, int]:
-        """Delete expired result files and requeue tasks whose worker vanished.
-        Returns (tasks whose results were purged, tasks reaped)."""
-        return self.purge_expired_results(), self.reap_leases()
-
     def purge_expired_results(self) -> int:
         purged = 0
         while batch := self.store.expired_results():

@@ -144,6 +144,18 @@ class UrlRules:
     # Refuse hosts written as a non-public IP address (where no guard comes after).
     refuse_private_literals: bool = True
 
+    @classmethod
+    def for_images(
+        cls, ports: frozenset[int] | None, *, refuse_private_literals: bool = True
+    ) -> UrlRules:
+        return cls(frozenset({"http", "https"}), ports, refuse_private_literals)
+
+    @classmethod
+    def for_callbacks(
+        cls, ports: frozenset[int] | None, *, refuse_private_literals: bool = True
+    ) -> UrlRules:
+        return cls(frozenset({"https"}), ports, refuse_private_literals)
+
     def check(self, url: str) -> None:
         try:
             parts = urlsplit(url)

@@ -12,12 +12,23 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from retouch.errors import InvalidInputError
 from retouch.models import DEMO, FIXTURE, ModelSpec
 
 log = logging.getLogger(__name__)
 
 _TOKENIZER_FILE = "tokenizer/tokenizer.json"
 MAX_PROMPT_TOKENS = 2000
+
+
+def ensure_prompt_fits(tokens: int | None) -> None:
+    """Refuse a prompt longer than the limit (None: its length is not known here)."""
+    if tokens is not None and tokens > MAX_PROMPT_TOKENS:
+        raise InvalidInputError(
+            f"the prompt is {tokens} tokens long by the model's tokenizer; "
+            f"the limit is {MAX_PROMPT_TOKENS}",
+            param="prompt",
+        )
 
 
 class PromptTokenCounter:

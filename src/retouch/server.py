@@ -85,14 +85,12 @@ def serve(settings: Settings) -> None:
             specs,
             public_url=settings.public_url,
             tokens=PromptTokenCounter(settings.models_dir),
-            image_rules=UrlRules(
-                schemes=frozenset({"http", "https"}),
-                ports=settings.allowed_fetch_ports,
+            image_rules=UrlRules.for_images(
+                settings.allowed_fetch_ports,
                 refuse_private_literals=not settings.allow_private_networks,
             ),
-            callback_rules=UrlRules(
-                schemes=frozenset({"https"}),
-                ports=settings.allowed_callback_ports,
+            callback_rules=UrlRules.for_callbacks(
+                settings.allowed_callback_ports,
                 refuse_private_literals=not settings.allow_private_networks,
             ),
         )

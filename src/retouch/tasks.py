@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+MAX_SEED = 2**31 - 1  # 2147483647, the provider's documented upper bound
 
 
 class TaskStatus(StrEnum):

@@ -29,14 +29,12 @@ from retouch.errors import InvalidInputError
 from retouch.fetch import ImageFetcher
 from retouch.images import decode_image, encode_png
 from retouch.models import ModelSpec
-from retouch.prompts import MAX_PROMPT_TOKENS
+from retouch.prompts import ensure_prompt_fits
 from retouch.storage import ResultStorage
 from retouch.store import Store
-from retouch.tasks import Task, TaskError
+from retouch.tasks import MAX_SEED, Task, TaskError
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -169,13 +167,7 @@ class Worker:
 
 
 def check_prompt(engine: Engine, prompt: str) -> None:
-    tokens = engine.count_tokens(prompt)
-    if tokens is not None and tokens > MAX_PROMPT_TOKENS:
-        raise InvalidInputError(
-            f"the prompt is {tokens} tokens long by the model's tokenizer; "
-            f"the limit is {MAX_PROMPT_TOKENS}",
-            param="prompt",
-        )
+    ensure_prompt_fits(engine.count_tokens(prompt))
 
 
 @dataclass(frozen=True)

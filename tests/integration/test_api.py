@@ -526,8 +526,8 @@ def test_urls_are_checked_by_their_look_at_submission(store: Store, clock: FakeC
         LocalResultStorage(Path("unused"), b"k", clock),
         clock,
         [SPEC],
-        image_rules=UrlRules(schemes=frozenset({"http", "https"}), ports=frozenset({80, 443})),
-        callback_rules=UrlRules(schemes=frozenset({"https"}), ports=frozenset({443})),
+        image_rules=UrlRules.for_images(frozenset({80, 443})),
+        callback_rules=UrlRules.for_callbacks(frozenset({443})),
     )
     key = store.create_key("alice")[0]
     good = "https://example.com/a.png"

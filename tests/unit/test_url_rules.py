@@ -6,8 +6,8 @@ import pytest
 
 from retouch.netguard import DestinationRefused, UrlRules
 
-IMAGES = UrlRules(schemes=frozenset({"http", "https"}), ports=frozenset({80, 443}))
-CALLBACKS = UrlRules(schemes=frozenset({"https"}), ports=frozenset({443}))
+IMAGES = UrlRules.for_images(frozenset({80, 443}))
+CALLBACKS = UrlRules.for_callbacks(frozenset({443}))
 
 
 @pytest.mark.parametrize(

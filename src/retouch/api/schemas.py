@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from retouch.models import ModelSpec
+from retouch.tasks import MAX_SEED
 
 MAX_IMAGES = 3
 MAX_URL_LENGTH = 2048
-MAX_SEED = 2147483647
 _SIZE = re.compile(r"^(\d{1,5})[x*](\d{1,5})$")
 
 TaskStatusName = Literal["pending", "processing", "completed", "failed", "cancelled"]

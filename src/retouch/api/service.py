@@ -12,7 +12,7 @@ from retouch.errors import InvalidRequestError, NotFoundError, PermissionDeniedE
 from retouch.keys import ApiKey
 from retouch.models import ModelSpec
 from retouch.netguard import DestinationRefused, UrlRules
-from retouch.prompts import MAX_PROMPT_TOKENS, PromptTokenCounter
+from retouch.prompts import PromptTokenCounter, ensure_prompt_fits
 from retouch.storage import ResultStorage
 from retouch.store import Store
 from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
@@ -97,13 +97,7 @@ class TaskService:
                 param="size",
             )
         self._check_urls(request)
-        tokens = self.tokens.count(spec, request.prompt) if self.tokens else None
-        if tokens is not None and tokens > MAX_PROMPT_TOKENS:
-            raise InvalidRequestError(
-                f"the prompt is {tokens} tokens long by the model's tokenizer; "
-                f"the limit is {MAX_PROMPT_TOKENS}",
-                param="prompt",
-            )
+        ensure_prompt_fits(self.tokens.count(spec, request.prompt) if self.tokens else None)
 
     def _check_urls(self, request: QwenImageEditRequest) -> None:
         """What the URLs show by themselves; their addresses are checked again when
