@@ -244,11 +244,17 @@ def baseline_command(port: int, database_path: Path) -> list[str]:
 
 def retouch_command(port: int, data_dir: Path) -> list[str]:
     serve = [sys.executable, "-m", "retouch", "serve", "--model", "fixture", "--no-worker"]
-    return [*serve, "--data-dir", str(data_dir), "--port", str(port)]
+    # Limits out of the way: the run measures the cost of admission, not its refusals.
+    unlimited = [
+        "--requests-per-minute", "100000000", "--max-concurrent-tasks", "100000000",
+        "--max-queued-tasks", "100000000",
+    ]  # fmt: skip
+    return [*serve, *unlimited, "--data-dir", str(data_dir), "--port", str(port)]
 
 
 def create_api_key(data_dir: Path) -> str:
     command = [sys.executable, "-m", "retouch", "keys", "create", "--name", "bench"]
+    command += ["--credits", "1000000000"]
     completed = subprocess.run(
         [*command, "--data-dir", str(data_dir)],
         capture_output=True,

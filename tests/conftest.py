@@ -52,7 +52,10 @@ def store(database_url: str, clock: FakeClock) -> Iterator[Store]:
     migrate(engine)
     store = Store(engine, clock)
     yield store
+    # Whatever a test did, the ledger must still balance (`retouch ledger check`).
+    problems = store.check_ledger()
     store.close()
+    assert not problems, "ledger check failed:\n" + "\n".join(problems)
 
 
 @pytest.fixture

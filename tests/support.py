@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import uvicorn
@@ -159,7 +159,10 @@ def demo_serve_args(steps: int) -> tuple[str, ...]:
 
 
 class ServeProcess:
-    """A real `retouch serve` process."""
+    """A real `retouch serve` process. Every data directory one has served is
+    listed in `served_data_dirs` (the acceptance suite checks their ledgers)."""
+
+    served_data_dirs: ClassVar[set[Path]] = set()
 
     def __init__(
         self, data_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None
@@ -174,6 +177,7 @@ class ServeProcess:
 
     def start(self, timeout: float = 120.0) -> ServeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        ServeProcess.served_data_dirs.add(self.data_dir)
         command = [
             sys.executable, "-m", "retouch", "serve",
             "--data-dir", str(self.data_dir), "--port", str(self.port), *self.args,

@@ -35,10 +35,10 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - the Standard Webhooks prefix, not a sec
 Renderer = Callable[[Task], dict[str, Any]]
 
 
-def webhook_secret(signing_key: bytes, key_id: str) -> str:
-    """The key's Standard Webhooks secret, derived from the server's signing key:
-    nothing more to store, the same in every process."""
-    raw = hmac.new(signing_key, f"webhook-secret:{key_id}".encode(), hashlib.sha256).digest()
+def webhook_secret(signing_key: bytes, account_id: str) -> str:
+    """The account's Standard Webhooks secret, derived from the server's signing key:
+    nothing more to store, the same in every process, unchanged when a key rotates."""
+    raw = hmac.new(signing_key, f"webhook-secret:{account_id}".encode(), hashlib.sha256).digest()
     return SECRET_PREFIX + base64.b64encode(raw).decode()
 
 
@@ -123,7 +123,7 @@ class CallbackDispatcher:
     def _post(self, delivery: Delivery, task: Task, body: bytes) -> int:
         self._rules.check(delivery.url)
         timestamp = int(self.clock.now().timestamp())
-        secret = webhook_secret(self.signing_key, task.key_id)
+        secret = webhook_secret(self.signing_key, task.account_id)
         headers = {
             "content-type": "application/json",
             "user-agent": "retouch-callbacks/1",

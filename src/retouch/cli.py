@@ -15,12 +15,17 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from retouch import __version__
+from retouch.accounts import Account, UserGroup
 from retouch.settings import Settings
 
+if typing.TYPE_CHECKING:
+    from retouch.store import Store
+
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 # Secrets stay off the command line (visible to every user in `ps`).
-ENV_ONLY = frozenset({"secret_key"})
+ENV_ONLY = frozenset({"secret_key", "admin_token"})
 
 
 def settings_options(*names: str) -> Callable[[F], F]:
@@ -99,46 +104,78 @@ def serve(**options: Any) -> None:
 
 @main.group()
 def keys() -> None:
-    """Create, list and revoke API keys."""
+    """Create, list, revoke and rotate API keys."""
 
 
 @keys.command("create")
 @click.option("--name", required=True, help="Who the key is for.")
-@click.option("--group", type=click.Choice(["default", "vip"]), default="default")
-@_store_options
-def keys_create(name: str, group: str, **options: Any) -> None:
+@click.option(
+    "--account",
+    help="Id or name of the account the key acts for; default: a new account named NAME.",
+)
+@click.option(
+    "--group",
+    type=click.Choice(["default", "vip"]),
+    default="default",
+    show_default=True,
+    help="User group of the new account.",
+)
+@click.option(
+    "--credits",
+    type=click.FloatRange(min=0),
+    help="Credits of the new account; default: --default-credits.",
+)
+@settings_options("data_dir", "database_url", "default_credits")
+def keys_create(
+    name: str, account: str | None, group: UserGroup, credits: float | None, **options: Any
+) -> None:
     """Create a key and print it once; only its digest is stored."""
     from retouch.callbacks import webhook_secret
-    from retouch.server import open_store
+    from retouch.errors import ConflictError, RetouchError
 
     settings = build_settings(**options)
-    store = open_store(settings)
-    key, secret = store.create_key(name, user_group=group)
+    if account is not None and (credits is not None or group != "default"):
+        raise click.UsageError(
+            "--group and --credits describe a new account; for an existing one use "
+            "`retouch accounts update` and `retouch credits grant`"
+        )
+    store = _store(settings)
+    starting = settings.default_credits if credits is None else credits
+    try:
+        key, secret = store.create_key(name, account, user_group=group, credits=starting)
+    except ConflictError as exc:
+        raise click.ClickException(
+            f"{exc.message}; to add a key to it, pass --account {name!r}"
+        ) from None
+    except RetouchError as exc:
+        raise click.ClickException(exc.message) from None
     click.echo(secret)
     click.echo(
-        f"Created key {key.id} for {name!r}. This is the only time it is shown: keep it safe.\n"
-        "Callbacks of its tasks are signed (Standard Webhooks) with "
-        f"{webhook_secret(settings.signing_key(), key.id)}",
+        f"Created key {key.id} for {name!r} (account {key.account.name!r}, {key.account.id}, "
+        f"{key.account.user_group}, {key.account.available:g} credits available). "
+        "This is the only time the key is shown: keep it safe.\n"
+        "Callbacks of the account's tasks are signed (Standard Webhooks) with "
+        f"{webhook_secret(settings.signing_key(), key.account.id)}",
         err=True,
     )
 
 
 @keys.command("list")
+@click.option("--account", help="Only this account's keys (id or name).")
 @_store_options
-def keys_list(**options: Any) -> None:
+def keys_list(account: str | None, **options: Any) -> None:
     """List keys (never their secrets)."""
-    from retouch.server import open_store
-
-    rows = open_store(build_settings(**options)).list_keys()
+    store = _store(build_settings(**options))
+    rows = _admin_call(lambda: store.list_keys(account))
     if not rows:
         click.echo("No keys yet: retouch keys create --name NAME", err=True)
         return
-    click.echo(f"{'ID':<21} {'NAME':<20} {'PREFIX':<10} {'GROUP':<8} {'CREATED':<20} STATUS")
+    click.echo(f"{'ID':<21} {'NAME':<20} {'PREFIX':<10} {'ACCOUNT':<20} {'CREATED':<20} STATUS")
     for key in rows:
         status = "active" if key.active else "revoked"
         created = key.created_at.strftime("%Y-%m-%d %H:%M:%S")
         click.echo(
-            f"{key.id:<21} {key.name:<20} {key.prefix + '…':<10} {key.user_group:<8} "
+            f"{key.id:<21} {key.name:<20} {key.prefix + '…':<10} {key.account.name:<20} "
             f"{created:<20} {status}"
         )
 
@@ -147,12 +184,172 @@ def keys_list(**options: Any) -> None:
 @click.argument("key_id")
 @_store_options
 def keys_revoke(key_id: str, **options: Any) -> None:
-    """Revoke a key: it answers 401 from now on."""
-    from retouch.server import open_store
-
-    if not open_store(build_settings(**options)).revoke_key(key_id):
+    """Revoke a key: it answers 401 from now on (its running tasks finish and are billed)."""
+    if not _store(build_settings(**options)).revoke_key(key_id):
         raise click.ClickException(f"no active key with id {key_id!r}")
     click.echo(f"Revoked {key_id}.", err=True)
+
+
+@keys.command("rotate")
+@click.argument("key_id")
+@_store_options
+def keys_rotate(key_id: str, **options: Any) -> None:
+    """Replace a key with a new one (same name, same account); the old one is revoked."""
+    store = _store(build_settings(**options))
+    key, secret = _admin_call(lambda: store.rotate_key(key_id))
+    click.echo(secret)
+    click.echo(f"Revoked {key_id}; its replacement is {key.id}. Keep the new key safe.", err=True)
+
+
+@main.group()
+def accounts() -> None:
+    """Show and change accounts: user group, allowed models, limits."""
+
+
+@accounts.command("list")
+@_store_options
+def accounts_list(**options: Any) -> None:
+    """Accounts with their credits."""
+    settings = build_settings(**options)
+    rows = _admin_call(_store(settings).list_accounts)
+    if not rows:
+        click.echo("No accounts yet: retouch keys create --name NAME", err=True)
+        return
+    click.echo(
+        f"{'ID':<22} {'NAME':<20} {'GROUP':<8} {'BALANCE':>12} {'RESERVED':>12} {'AVAILABLE':>12}"
+    )
+    for account in rows:
+        click.echo(
+            f"{account.id:<22} {account.name:<20} {account.user_group:<8} "
+            f"{account.balance:>12g} {account.reserved:>12g} {account.available:>12g}"
+        )
+
+
+@accounts.command("show")
+@click.argument("account")
+@settings_options(
+    "data_dir", "database_url", "requests_per_minute", "requests_per_minute_vip",
+    "max_concurrent_tasks", "max_concurrent_tasks_vip",
+)  # fmt: skip
+def accounts_show(account: str, **options: Any) -> None:
+    """One account: credits, models, limits, and its latest ledger entries."""
+    settings = build_settings(**options)
+    store = _store(settings)
+    found = _admin_call(lambda: store.get_account(account))
+    _print_account(found, settings)
+    click.echo("latest entries:")
+    for entry in store.ledger(found.id, 10):
+        task = f"  {entry.task_id}" if entry.task_id else ""
+        note = f"  ({entry.note})" if entry.note else ""
+        when = entry.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"  {when}  {entry.kind.value:<8} {entry.credits:>10g}{task}{note}")
+
+
+def _print_account(account: Account, settings: Settings) -> None:
+    limits = settings.limits.for_account(account)
+    models = "all" if account.allowed_models is None else ", ".join(account.allowed_models)
+    click.echo(
+        f"{account.name} ({account.id}), {account.user_group}\n"
+        f"credits: {account.balance:g} balance, {account.reserved:g} reserved, "
+        f"{account.available:g} available\n"
+        f"models: {models}\n"
+        f"limits: {limits.requests_per_minute} tasks/minute, "
+        f"{limits.max_concurrent_tasks} unfinished tasks"
+    )
+
+
+def _limit(value: str) -> int | None:
+    if value == "default":
+        return None
+    if not value.isdecimal() or int(value) < 1:
+        raise click.BadParameter("a whole number of at least 1, or `default`")
+    return int(value)
+
+
+@accounts.command("update")
+@click.argument("account")
+@click.option("--group", type=click.Choice(["default", "vip"]), help="User group.")
+@click.option("--models", help="Comma-separated models the account may use, or `all`.")
+@click.option("--rate", "rate", help="Task creations per minute, or `default` (the group's).")
+@click.option("--concurrency", help="Unfinished tasks at a time, or `default` (the group's).")
+@settings_options(
+    "data_dir", "database_url", "requests_per_minute", "requests_per_minute_vip",
+    "max_concurrent_tasks", "max_concurrent_tasks_vip",
+)  # fmt: skip
+def accounts_update(
+    account: str,
+    group: UserGroup | None,
+    models: str | None,
+    rate: str | None,
+    concurrency: str | None,
+    **options: Any,
+) -> None:
+    """Change an account's user group, allowed models or limits."""
+    settings = build_settings(**options)
+    changes: dict[str, Any] = {}
+    if models is not None:
+        names = [name.strip() for name in models.split(",") if name.strip()]
+        changes["allowed_models"] = None if models == "all" else names
+    if rate is not None:
+        changes["requests_per_minute"] = _limit(rate)
+    if concurrency is not None:
+        changes["max_concurrent_tasks"] = _limit(concurrency)
+    store = _store(settings)
+    updated = _admin_call(lambda: store.update_account(account, user_group=group, **changes))
+    _print_account(updated, settings)
+
+
+@main.group()
+def credits() -> None:
+    """Top up accounts."""
+
+
+@credits.command("grant")
+@click.argument("account")
+@click.argument("amount", type=float)
+@click.option("--note", help="Why (kept in the ledger).")
+@_store_options
+def credits_grant(account: str, amount: float, note: str | None, **options: Any) -> None:
+    """Add AMOUNT credits to ACCOUNT (id or name); a negative AMOUNT takes them back."""
+    store = _store(build_settings(**options))
+    updated = _admin_call(lambda: store.grant(account, amount, note or "granted from the CLI"))
+    click.echo(
+        f"{updated.name}: {updated.balance:g} credits ({updated.available:g} available)", err=True
+    )
+
+
+@main.group()
+def ledger() -> None:
+    """The credits ledger."""
+
+
+@ledger.command("check")
+@_store_options
+def ledger_check(**options: Any) -> None:
+    """Verify every balance and every task's reservation; exit 1 on any violation."""
+    problems = _store(build_settings(**options)).check_ledger()
+    if problems:
+        for problem in problems:
+            click.echo(problem)
+        raise click.ClickException(f"the ledger has {len(problems)} problem(s)")
+    click.echo("The ledger is consistent.", err=True)
+
+
+def _store(settings: Settings) -> Store:
+    from retouch.server import open_store
+
+    return open_store(settings)
+
+
+def _admin_call(action: Callable[[], T]) -> T:
+    """Run a store action; its refusals (unknown account, taken name…) become one line."""
+    from retouch.errors import RetouchError
+
+    try:
+        return action()
+    except RetouchError as exc:
+        hint = f" ({exc.fallback_suggestion})" if exc.fallback_suggestion else ""
+        raise click.ClickException(exc.message + hint) from None
 
 
 @main.command()

@@ -6,6 +6,7 @@ The API turns any of these into the seed's body in one place
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -22,11 +23,18 @@ class RetouchError(Exception):
         param: str | None = None,
         fallback_suggestion: str | None = None,
         headers: dict[str, str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         self.message = message or self.default_message
         self.param = param
         self.fallback_suggestion = fallback_suggestion or self.default_suggestion
         self.headers = headers or {}
+        if retry_after is not None:
+            # Whole seconds, rounded up: retrying after that many seconds succeeds.
+            seconds = max(1, math.ceil(retry_after - 1e-9))
+            self.headers["Retry-After"] = str(seconds)
+            unit = "second" if seconds == 1 else "seconds"
+            self.fallback_suggestion = fallback_suggestion or f"retry after {seconds} {unit}"
         super().__init__(self.message)
 
     def body(self) -> dict[str, Any]:

@@ -40,6 +40,9 @@ class Janitor:
             log.info("janitor: deleted the expired results of %d task(s)", purged)
         return purged
 
+    def forget_idempotency_keys(self) -> int:
+        return self.store.purge_idempotency_keys()
+
     def reap_leases(self) -> int:
         reaped = self.store.reap_expired_leases(self.max_attempts)
         if reaped:
@@ -65,6 +68,7 @@ class Janitor:
                 if since_purge >= self.interval_seconds:
                     since_purge = 0.0
                     self.purge_expired_results()
+                    self.forget_idempotency_keys()
                 self.reap_leases()
             except Exception:
                 log.exception("janitor run failed; trying again next interval")

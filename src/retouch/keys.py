@@ -7,6 +7,8 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
+from retouch.accounts import Account
+
 KEY_PREFIX = "rt_"
 
 
@@ -15,13 +17,21 @@ class ApiKey:
     id: str
     name: str
     prefix: str
-    user_group: str
+    account: Account
     created_at: datetime
     revoked_at: datetime | None = None
 
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+    @property
+    def account_id(self) -> str:
+        return self.account.id
+
+    @property
+    def user_group(self) -> str:
+        return self.account.user_group
 
 
 def generate_secret() -> str:

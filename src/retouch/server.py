@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import IO
 
+from retouch.api.admin import AdminService
 from retouch.api.app import create_app
 from retouch.api.service import TaskService
 from retouch.callbacks import CallbackDispatcher, CallbackPolicy
@@ -93,6 +94,7 @@ def serve(settings: Settings) -> None:
                 settings.allowed_callback_ports,
                 refuse_private_literals=not settings.allow_private_networks,
             ),
+            limits=settings.limits,
         )
         dispatcher = CallbackDispatcher(
             store,
@@ -107,7 +109,18 @@ def serve(settings: Settings) -> None:
             guard=AddressGuard(allow_private_networks=settings.allow_private_networks),
         )
         dispatcher.start()
-        app = create_app(service, max_request_bytes=settings.max_request_bytes)
+        app = create_app(
+            service,
+            max_request_bytes=settings.max_request_bytes,
+            admin=AdminService(
+                store,
+                settings.admin_token,
+                default_credits=settings.default_credits,
+                limits=settings.limits,
+                models=[spec.name for spec in specs],
+                signing_key=settings.signing_key(),
+            ),
+        )
         _print_hint(settings, store, specs)
         try:
             uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
@@ -284,8 +297,9 @@ def _print_hint(settings: Settings, store: Store, specs: list[ModelSpec]) -> Non
     served = ", ".join(f"{spec.name!r} ({spec.checkpoint})" for spec in specs)
     lines = [f"Retouch is serving {served} on {url}"]
     if not store.list_keys():
-        lines.append("No API key exists yet. Create one with:")
+        lines.append("No API key exists yet. Create one (and its account) with:")
+        lines.append(f"    retouch keys create --name alice{data_dir}")
     else:
-        lines.append("Create another API key with:")
-    lines.append(f"    retouch keys create --name alice{data_dir}")
+        lines.append("Create another API key (and account) with:")
+        lines.append(f"    retouch keys create --name NAME{data_dir}")
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from retouch.accounts import DEFAULT_CREDITS, MAX_CREDITS, GroupLimits, Limits
 from retouch.models import (
     DEFAULT_MODELS_FILE,
     LoraSpec,
@@ -131,6 +132,40 @@ class Settings(BaseSettings):
         "the data directory.",
     )
 
+    # Accounts, credits and limits.
+    admin_token: str | None = Field(
+        default=None,
+        description="Bearer token of the admin API under /admin/v1 (environment only); "
+        "unset: the admin API is off.",
+    )
+    default_credits: float = Field(
+        default=DEFAULT_CREDITS,
+        ge=0,
+        le=MAX_CREDITS,
+        description="Credits a new account starts with.",
+    )
+    requests_per_minute: int = Field(
+        default=60, ge=1, description="Task creations per minute of a `default` account."
+    )
+    requests_per_minute_vip: int = Field(
+        default=600, ge=1, description="Task creations per minute of a `vip` account."
+    )
+    max_concurrent_tasks: int = Field(
+        default=10, ge=1, description="Unfinished tasks a `default` account may have."
+    )
+    max_concurrent_tasks_vip: int = Field(
+        default=50, ge=1, description="Unfinished tasks a `vip` account may have."
+    )
+    max_queued_tasks: int = Field(
+        default=1000, ge=1, description="Unfinished tasks server-wide; beyond it, 503."
+    )
+    vip_priority_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="Head start of vip tasks in the queue; a default task waits at most "
+        "this long behind vip tasks submitted after it.",
+    )
+
     # Fetching input images.
     allow_private_networks: bool = Field(
         default=False,
@@ -195,6 +230,15 @@ class Settings(BaseSettings):
                 lora=lora,
             )
         ]
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            default=GroupLimits(self.requests_per_minute, self.max_concurrent_tasks),
+            vip=GroupLimits(self.requests_per_minute_vip, self.max_concurrent_tasks_vip),
+            max_queued_tasks=self.max_queued_tasks,
+            vip_priority_seconds=self.vip_priority_seconds,
+        )
 
     @property
     def allowed_fetch_ports(self) -> frozenset[int] | None:

@@ -87,6 +87,7 @@ class TaskError:
 class Task:
     id: str
     key_id: str
+    account_id: str
     model: str
     status: TaskStatus
     progress: int
@@ -103,6 +104,8 @@ class Task:
     error: TaskError | None = None
     result_keys: list[str] = field(default_factory=list)
     results_expire_at: datetime | None = None
+    # Its place in the queue: `created_at`, earlier for vip tasks.
+    priority_at: datetime | None = None
 
     @property
     def created(self) -> int:

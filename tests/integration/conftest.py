@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from retouch.api.admin import AdminService
 from retouch.api.app import create_app
 from retouch.api.service import TaskService
 from retouch.clock import FakeClock
@@ -37,6 +38,10 @@ ONE_IMAGE_VIP = ModelSpec(
 )
 
 
+ADMIN_TOKEN = "test-admin-token"
+SIGNING_KEY = b"test-secret"
+
+
 @dataclass
 class Api:
     url: str
@@ -44,7 +49,14 @@ class Api:
     storage: LocalResultStorage
     clock: FakeClock
     secret: str
+    service: TaskService
     workers: list[tuple[Worker, threading.Thread]] = field(default_factory=list)
+
+    def admin(self, token: str = ADMIN_TOKEN) -> httpx.Client:
+        """A client of the admin API (`/admin/v1`)."""
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
 
     def client(self, secret: str | None = None) -> httpx.Client:
         token = self.secret if secret is None else secret
@@ -79,13 +91,15 @@ class Api:
 
 @pytest.fixture
 def api(store: Store, clock: FakeClock, tmp_path: Path) -> Iterator[Api]:
-    storage = LocalResultStorage(tmp_path / "results", b"test-secret", clock)
-    service = TaskService(
-        store, storage, clock, [SPEC, ONE_IMAGE_VIP], tokens=PromptTokenCounter(tmp_path)
+    storage = LocalResultStorage(tmp_path / "results", SIGNING_KEY, clock)
+    models = [SPEC, ONE_IMAGE_VIP]
+    service = TaskService(store, storage, clock, models, tokens=PromptTokenCounter(tmp_path))
+    admin = AdminService(
+        store, ADMIN_TOKEN, models=[spec.name for spec in models], signing_key=SIGNING_KEY
     )
-    server = LiveServer(create_app(service, max_request_bytes=MAX_REQUEST_BYTES))
+    server = LiveServer(create_app(service, max_request_bytes=MAX_REQUEST_BYTES, admin=admin))
     _key, secret = store.create_key("alice")
-    live = Api(server.url, store, storage, clock, secret)
+    live = Api(server.url, store, storage, clock, secret, service)
     yield live
     live.stop_workers()
     server.close()

@@ -373,10 +373,13 @@ def test_unknown_route_and_wrong_method(api: Api) -> None:
 
 def test_internal_errors_are_500_without_a_traceback(api: Api) -> None:
     with api.store.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE callback_deliveries")
-        conn.exec_driver_sql("DROP TABLE tasks")
-    with api.client() as client:
-        response = client.get("/v1/tasks/task-unified-1-abcdefgh")
+        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO hidden_tasks")
+    try:
+        with api.client() as client:
+            response = client.get("/v1/tasks/task-unified-1-abcdefgh")
+    finally:
+        with api.store.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE hidden_tasks RENAME TO tasks")
     error = assert_error(response, 500, "internal_server_error")
     assert error["message"] == "Internal server error"
     assert "tasks" not in response.text and "sql" not in response.text.lower()
@@ -408,7 +411,9 @@ def test_openapi_uses_the_seed_names_and_documents_extensions(api: Api) -> None:
     create_op = spec["paths"]["/v1/images/generations"]["post"]
     assert create_op["operationId"] == "createQwenImageEditGeneration"
     assert "422" not in create_op["responses"]
-    assert {"400", "401", "404", "413"} <= set(create_op["responses"])
+    assert {"400", "401", "402", "404", "409", "413", "429", "503"} <= set(create_op["responses"])
+    assert [p["name"] for p in create_op["parameters"]] == ["Idempotency-Key"]
+    assert "/v1/usage" in spec["paths"]
     assert spec["paths"]["/v1/tasks/{task_id}"]["get"]["operationId"] == "getTaskDetail"
     assert "/v1/tasks/{task_id}/cancel" in spec["paths"]
     assert "bearerAuth" in spec["components"]["securitySchemes"]
@@ -543,6 +548,8 @@ def test_urls_are_checked_by_their_look_at_submission(store: Store, clock: FakeC
             strict.create(key, request)
         assert info.value.param == param and reason in info.value.message
     assert (
-        store.queue_position(strict.create(key, QwenImageEditRequest.model_validate(edit([good]))))
+        store.queue_position(
+            strict.create(key, QwenImageEditRequest.model_validate(edit([good])))[0]
+        )
         == 0
     )

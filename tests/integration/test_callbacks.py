@@ -129,6 +129,7 @@ def finished_task(store: Store, key: ApiKey, url: str, outcome: str = "completed
     task = Task(
         id=new_task_id(int(now.timestamp())),
         key_id=key.id,
+        account_id=key.account_id,
         model=SPEC.name,
         status=TaskStatus.PENDING,
         progress=0,
@@ -153,7 +154,7 @@ def finished_task(store: Store, key: ApiKey, url: str, outcome: str = "completed
 
 def verified(key: ApiKey, received: Received) -> dict[str, Any]:
     """The payload, after the Standard Webhooks library has checked its signature."""
-    secret = webhook_secret(SIGNING_KEY, key.id)
+    secret = webhook_secret(SIGNING_KEY, key.account_id)
     payload = Webhook(secret).verify(received.body, received.headers)
     assert isinstance(payload, dict)
     return payload
@@ -297,9 +298,9 @@ def test_callbacks_to_private_addresses_are_refused_by_default(
 
 
 def test_signatures_follow_standard_webhooks() -> None:
-    secret = webhook_secret(b"k", "key_1")
-    assert secret.startswith("whsec_") and secret == webhook_secret(b"k", "key_1")
-    assert secret != webhook_secret(b"k", "key_2") != webhook_secret(b"other", "key_1")
+    secret = webhook_secret(b"k", "acct_1")
+    assert secret.startswith("whsec_") and secret == webhook_secret(b"k", "acct_1")
+    assert secret != webhook_secret(b"k", "acct_2") != webhook_secret(b"other", "acct_1")
     body = json.dumps({"id": "task"}).encode()
     signature = sign(secret, "msg_1", 1767225600, body)
     expected = Webhook(secret).sign("msg_1", datetime.fromtimestamp(1767225600, UTC), body.decode())

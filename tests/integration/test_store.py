@@ -22,6 +22,7 @@ def make_task(store: Store, key: ApiKey, offset_seconds: float = 0.0) -> Task:
     task = Task(
         id=new_task_id(int(now.timestamp())),
         key_id=key.id,
+        account_id=key.account_id,
         model="qwen-image-edit",
         status=TaskStatus.PENDING,
         progress=0,
@@ -30,8 +31,7 @@ def make_task(store: Store, key: ApiKey, offset_seconds: float = 0.0) -> Task:
         user_group=key.user_group,
         credits_reserved=2.0,
     )
-    store.create_task(task)
-    return task
+    return store.create_task(task)[0]
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from retouch import __version__
+from retouch.api.admin import ADMIN_SECURITY_SCHEME, AdminService
+from retouch.api.admin import router as admin_router
 from retouch.api.auth import SECURITY_SCHEMES
 from retouch.api.errors import install_error_handlers
 from retouch.api.limits import BodySizeLimit
@@ -24,11 +26,15 @@ Extensions to the reference contract (all optional, all compatible): the
 `cancelled` status and `POST /v1/tasks/{id}/cancel`; an `error` object on
 failed tasks; `usage` on the task detail; the request fields `n`, `seed`,
 `negative_prompt`, `size` (and `prompt_extend`/`watermark`, accepted only as
-false); 402, 405, 409 and 413 errors in the seed's error shape.
+false); `Idempotency-Key` on create; `GET /v1/usage`; `GET /v1/models`; 402,
+405, 409 and 413 errors in the seed's error shape; an admin API under
+`/admin/v1` for accounts, keys and credits (admin token only).
 """
 
 
-def create_app(service: TaskService, *, max_request_bytes: int = 1 << 20) -> FastAPI:
+def create_app(
+    service: TaskService, *, max_request_bytes: int = 1 << 20, admin: AdminService | None = None
+) -> FastAPI:
     app = FastAPI(
         title="Retouch: qwen-image-edit Interface",
         version=__version__,
@@ -37,8 +43,10 @@ def create_app(service: TaskService, *, max_request_bytes: int = 1 << 20) -> Fas
         redoc_url=None,
     )
     app.state.services = service
+    app.state.admin = admin
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     def openapi() -> dict[str, Any]:
@@ -65,7 +73,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schemas["QwenImageEditRequest"] = request_schema
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    spec["components"]["securitySchemes"] = SECURITY_SCHEMES
+    spec["components"]["securitySchemes"] = {
+        **SECURITY_SCHEMES,
+        "adminToken": ADMIN_SECURITY_SCHEME,
+    }
     for path in spec.get("paths", {}).values():
         for operation in path.values():
             operation.get("responses", {}).pop("422", None)

@@ -9,9 +9,10 @@ from typing import Any, TypeVar, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from retouch.accounts import MAX_IDEMPOTENCY_KEY_LENGTH
 from retouch.api.auth import SECURITY, authenticate, bearer_secret
 from retouch.api.errors import validation_to_error
 from retouch.api.schemas import (
@@ -20,6 +21,7 @@ from retouch.api.schemas import (
     ModelList,
     QwenImageEditRequest,
     TaskDetail,
+    UsageResponse,
     model_info,
 )
 from retouch.api.service import TaskService
@@ -69,7 +71,14 @@ async def _task_detail(
     return JSONResponse(await _in_thread(request, work, read_only=read_only))
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
 async def edit_request(request: Request) -> QwenImageEditRequest:
+    return await json_body(request, QwenImageEditRequest)
+
+
+async def json_body(request: Request, model: type[M]) -> M:
     """Parse the body as JSON whatever its Content-Type (`curl -d` sends a form type)."""
     raw = await request.body()
     if not raw.strip():
@@ -81,12 +90,22 @@ async def edit_request(request: Request) -> QwenImageEditRequest:
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object")
     try:
-        return QwenImageEditRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise validation_to_error(exc) from None
 
 
 _CREATE_BODY = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "Extension: the same key with the same body within 24 hours "
+            "returns the task the first request created, charged once; with another body, 409.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        }
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -104,7 +123,7 @@ _CREATE_BODY = {
                 },
             }
         },
-    }
+    },
 }
 
 
@@ -115,19 +134,39 @@ _CREATE_BODY = {
     tags=["Image Generation"],
     responses={
         200: {"model": ImageGenerationResponse, "description": "Image task created"},
-        **_errors(400, 401, 403, 404, 413, 429, 500, 502, 503),
+        **_errors(400, 401, 402, 403, 404, 409, 413, 429, 500, 502, 503),
     },
     openapi_extra={**_CREATE_BODY, "security": SECURITY},
 )
 async def create_generation(request: Request) -> JSONResponse:
     bearer_secret(request)  # a missing key answers 401 before the body is read
+    idempotency_key = _idempotency_key(request)
     body = await edit_request(request)
     base_url = str(request.base_url)
 
-    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
-        return service.render(service.create(key, body), base_url, detail=False)
+    def work(service: TaskService, key: ApiKey) -> tuple[dict[str, Any], bool]:
+        task, replayed = service.create(key, body, idempotency_key)
+        return service.render(task, base_url, detail=False), replayed
 
-    return JSONResponse(await _in_thread(request, work))
+    rendered, replayed = await _in_thread(request, work)
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    return JSONResponse(rendered, headers=headers)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The optional `Idempotency-Key` header (Stripe's semantics): 1-255 visible ASCII."""
+    value = request.headers.get("idempotency-key")
+    if value is None:
+        return None
+    if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all(
+        "!" <= ch <= "~" for ch in value
+    ):
+        raise InvalidRequestError(
+            f"`Idempotency-Key` must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
+            "characters (a UUID is a good choice)",
+            param="Idempotency-Key",
+        )
+    return value
 
 
 @router.get(
@@ -187,6 +226,18 @@ async def list_models(request: Request) -> JSONResponse:
 
     data = await _in_thread(request, work, read_only=True)
     return JSONResponse({"object": "list", "data": data})
+
+
+@router.get(
+    "/v1/usage",
+    operation_id="getUsage",
+    summary="The caller's credits, limits and task counts (extension)",
+    tags=["Account"],
+    responses={200: {"model": UsageResponse, "description": "Usage"}, **_errors(401)},
+    openapi_extra={"security": SECURITY},
+)
+async def get_usage(request: Request) -> JSONResponse:
+    return JSONResponse(await _in_thread(request, lambda s, key: s.usage(key), read_only=True))
 
 
 @router.get(

@@ -220,6 +220,31 @@ def model_info(spec: ModelSpec) -> ModelInfo:
     )
 
 
+class AccountRef(BaseModel):
+    id: str
+    name: str
+
+
+class Credits(BaseModel):
+    balance: float = Field(description="Granted less captured.")
+    reserved: float = Field(description="Held for unfinished tasks.")
+    available: float = Field(description="What new tasks may reserve.")
+
+
+class AccountLimits(BaseModel):
+    requests_per_minute: int = Field(description="Task creations per minute.")
+    max_concurrent_tasks: int = Field(description="Unfinished tasks at a time.")
+
+
+class UsageResponse(BaseModel):
+    object: Literal["usage"] = "usage"
+    account: AccountRef
+    user_group: Literal["default", "vip"]
+    credits: Credits
+    limits: AccountLimits
+    tasks: dict[str, int] = Field(description="The account's tasks by status.")
+
+
 class ErrorBody(BaseModel):
     code: int
     message: str

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
+from retouch.accounts import Admission, Limits, QueueFull, TooManyUnfinished, to_credits, to_units
 from retouch.api.schemas import QwenImageEditRequest, parse_size
 from retouch.clock import Clock
-from retouch.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from retouch.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
 from retouch.keys import ApiKey
 from retouch.models import ModelSpec
 from retouch.netguard import DestinationRefused, UrlRules
@@ -32,6 +42,7 @@ class TaskService:
         tokens: PromptTokenCounter | None = None,
         image_rules: UrlRules | None = None,
         callback_rules: UrlRules | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -41,17 +52,34 @@ class TaskService:
         self.tokens = tokens
         self.image_rules = image_rules
         self.callback_rules = callback_rules
+        self.limits = limits or Limits()
         self._durations: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def create(self, key: ApiKey, request: QwenImageEditRequest) -> Task:
+    def create(
+        self, key: ApiKey, request: QwenImageEditRequest, idempotency_key: str | None = None
+    ) -> tuple[Task, bool]:
+        """A new task (or, for a repeated Idempotency-Key, the one it created) and
+        whether it was replayed."""
         model = self._model(request.model)
         self._check_allowed(key, model, request)
         width, height = parse_size(request.size) if request.size else (None, None)
         now = self.clock.now()
+        priority_at = now
+        if key.user_group == "vip":
+            priority_at -= timedelta(seconds=self.limits.vip_priority_seconds)
+        limits = self.limits.for_account(key.account)
+        admission = Admission(
+            requests_per_minute=limits.requests_per_minute,
+            max_concurrent_tasks=limits.max_concurrent_tasks,
+            max_queued_tasks=self.limits.max_queued_tasks,
+            idempotency_key=idempotency_key,
+            fingerprint=_fingerprint(request) if idempotency_key else None,
+        )
         task = Task(
             id=new_task_id(int(now.timestamp())),
             key_id=key.id,
+            account_id=key.account_id,
             model=model.name,
             status=TaskStatus.PENDING,
             progress=0,
@@ -66,15 +94,60 @@ class TaskService:
                 height=height,
             ),
             created_at=now,
+            priority_at=priority_at,
             user_group=key.user_group,
-            credits_reserved=model.price * request.n,
+            credits_reserved=to_credits(to_units(model.price) * request.n),
         )
-        self.store.create_task(task)
-        return task
+        try:
+            return self.store.create_task(task, admission)
+        except TooManyUnfinished as exc:
+            raise RateLimitError(
+                f"Rate limit exceeded: this account may have {exc.limit} unfinished tasks at "
+                "a time; wait for one to finish",
+                retry_after=self._first_finish(key.account_id),
+            ) from None
+        except QueueFull as exc:
+            per_task = self._typical_seconds(model.name)
+            drain = per_task * (exc.unfinished - exc.limit + 1) / max(1, exc.running)
+            raise ServiceUnavailableError(
+                f"Service temporarily unavailable: the queue is full ({exc.limit} unfinished "
+                "tasks)",
+                retry_after=drain,
+            ) from None
+
+    def _first_finish(self, account_id: str) -> float:
+        """Seconds until the first of the account's unfinished tasks should be done."""
+        estimates = [self.estimated_time(task) for task in self.store.unfinished_tasks(account_id)]
+        return min(estimates, default=1)
+
+    def usage(self, key: ApiKey) -> dict[str, Any]:
+        """Extension: the caller's account, its credits, limits and tasks."""
+        usage = self.store.usage(key.account_id)
+        account = usage.account
+        limits = self.limits.for_account(account)
+        return {
+            "object": "usage",
+            "account": {"id": account.id, "name": account.name},
+            "user_group": account.user_group,
+            "credits": {
+                "balance": account.balance,
+                "reserved": account.reserved,
+                "available": account.available,
+            },
+            "limits": {
+                "requests_per_minute": limits.requests_per_minute,
+                "max_concurrent_tasks": limits.max_concurrent_tasks,
+            },
+            "tasks": usage.tasks,
+        }
 
     def served_models(self, key: ApiKey) -> list[ModelSpec]:
-        """The models this key's user group may use."""
-        return [spec for spec in self.models.values() if key.user_group in spec.user_groups]
+        """The models this key's account may use."""
+        return [
+            spec
+            for spec in self.models.values()
+            if key.user_group in spec.user_groups and key.account.may_use(spec.name)
+        ]
 
     def _check_allowed(self, key: ApiKey, spec: ModelSpec, request: QwenImageEditRequest) -> None:
         """The per-model limits that the request schema alone cannot know."""
@@ -82,6 +155,12 @@ class TaskService:
             raise PermissionDeniedError(
                 f"Access denied for this model: {spec.name!r} is not available to the "
                 f"{key.user_group!r} user group",
+                param="model",
+            )
+        if not key.account.may_use(spec.name):
+            raise PermissionDeniedError(
+                f"Access denied for this model: account {key.account.name!r} may not use "
+                f"{spec.name!r}",
                 param="model",
             )
         if len(request.image_urls) > spec.max_images:
@@ -204,3 +283,10 @@ class TaskService:
                 fallback_suggestion=next(iter(sorted(self.models))),
             )
         return model
+
+
+def _fingerprint(request: QwenImageEditRequest) -> str:
+    """What makes two create requests "the same" for an Idempotency-Key: every
+    parameter, defaults filled in, whatever the JSON's spacing or key order."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -34,4 +34,19 @@ def migrate(engine: Engine) -> None:
                 conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _PG_LOCK_ID})
                 conn.commit()
         return
-    command.upgrade(config, "head")
+    with engine.connect() as conn:
+        # SQLite alters a table by copying it: foreign keys stay off meanwhile (a
+        # pragma that works only outside a transaction), then every one is checked.
+        raw = conn.connection.driver_connection
+        if raw is None:
+            raise RuntimeError("the SQLite connection is closed")
+        raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+            conn.commit()
+            broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"the migration broke foreign keys: {broken[:5]}")
+        finally:
+            raw.execute("PRAGMA foreign_keys=ON")

@@ -8,24 +8,36 @@ SQLite and PostgreSQL alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     and_,
     bindparam,
+    delete,
     func,
     insert,
     or_,
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 
-from retouch.errors import ConflictError, NotFoundError
-from retouch.store import outbox
+from retouch.accounts import (
+    IDEMPOTENCY_TTL_SECONDS,
+    Admission,
+    QueueFull,
+    TooManyUnfinished,
+    to_credits,
+    to_units,
+)
+from retouch.errors import ConflictError, InsufficientQuotaError, NotFoundError, RateLimitError
+from retouch.store import ledger, outbox
 from retouch.store.base import StoreBase
 from retouch.store.rows import error_values, task_from_row
-from retouch.store.schema import tasks
+from retouch.store.schema import accounts, idempotency_keys, tasks
 from retouch.tasks import Task, TaskError, TaskStatus
 
 # The hot read paths' statements, built once (building one costs as much as
@@ -37,15 +49,33 @@ _TASK_BY_ID = select(tasks).where(tasks.c.id == bindparam("task_id"))
 _QUEUE_AHEAD = select(func.count()).where(
     tasks.c.status == TaskStatus.PENDING.value,
     or_(
-        tasks.c.created_at < bindparam("created_at", type_=tasks.c.created_at.type),
+        tasks.c.priority_at < bindparam("priority_at", type_=tasks.c.priority_at.type),
         and_(
-            tasks.c.created_at == bindparam("created_at", type_=tasks.c.created_at.type),
+            tasks.c.priority_at == bindparam("priority_at", type_=tasks.c.priority_at.type),
             tasks.c.id < bindparam("task_id"),
         ),
     ),
 )
 _PENDING = TaskStatus.PENDING.value
 _PROCESSING = TaskStatus.PROCESSING.value
+_UNFINISHED = (_PENDING, _PROCESSING)
+RATE_PERIOD_SECONDS = 60.0
+_QUEUE_CAP_LOCK = 0x7265746F7571  # any constant, distinct from the migration lock
+
+
+def _admit_rate(tat: datetime | None, per_minute: int, now: datetime) -> datetime:
+    """The generic cell rate algorithm: `per_minute` tasks may come in a burst, then
+    one every 60/`per_minute` seconds. Returns the limiter's next state, or raises
+    with the exact time until a request would pass."""
+    interval = RATE_PERIOD_SECONDS / per_minute
+    arrival = max(tat or now, now)
+    wait = (arrival - now).total_seconds() - (RATE_PERIOD_SECONDS - interval)
+    if wait > 1e-6:
+        raise RateLimitError(
+            f"Rate limit exceeded: this account may create {per_minute} tasks per minute",
+            retry_after=wait,
+        )
+    return arrival + timedelta(seconds=interval)
 
 
 class TaskQueue(StoreBase):
@@ -53,12 +83,47 @@ class TaskQueue(StoreBase):
 
     # -- creating and reading tasks -----------------------------------------
 
-    def create_task(self, task: Task) -> None:
+    def create_task(self, task: Task, admission: Admission | None = None) -> tuple[Task, bool]:
+        """Admit, reserve and enqueue a task in one transaction. Returns the task and
+        whether it is an earlier one replayed for the same `Idempotency-Key`."""
+        try:
+            return self._create_task(task, admission)
+        except IntegrityError:
+            if admission is None or admission.idempotency_key is None:
+                raise
+            # A concurrent request with the same Idempotency-Key committed first.
+            return self._create_task(task, admission)
+
+    def _create_task(self, task: Task, admission: Admission | None) -> tuple[Task, bool]:
+        now = self.clock.now()
+        task = replace(task, priority_at=task.priority_at or task.created_at)
+        units = to_units(task.credits_reserved)
         with self._write() as conn:
+            # The account's row lock orders its creates: a request racing another with
+            # the same Idempotency-Key waits here, then finds the first one's task.
+            account = conn.execute(
+                select(accounts).where(accounts.c.id == task.account_id).with_for_update()
+            ).one()
+            if admission is not None and admission.idempotency_key is not None:
+                earlier = self._replay(conn, task, admission, now)
+                if earlier is not None:
+                    return earlier, True
+            rate_tat = None
+            if admission is not None:
+                rate_tat = _admit_rate(account.rate_tat, admission.requests_per_minute, now)
+                self._admit_capacity(conn, task.account_id, admission)
+            available = account.balance_units - account.reserved_units
+            if units > available:
+                raise InsufficientQuotaError(
+                    f"Insufficient credits: this task needs {task.credits_reserved} and the "
+                    f"account has {to_credits(available)} available",
+                    fallback_suggestion="ask the operator to add credits, or lower `n`",
+                )
             conn.execute(
                 insert(tasks).values(
                     id=task.id,
                     key_id=task.key_id,
+                    account_id=task.account_id,
                     model=task.model,
                     status=task.status.value,
                     progress=task.progress,
@@ -66,11 +131,92 @@ class TaskQueue(StoreBase):
                     user_group=task.user_group,
                     credits_reserved=task.credits_reserved,
                     created_at=task.created_at,
+                    priority_at=task.priority_at,
                     attempts=0,
                     cancel_requested=False,
                     results_purged=False,
                 )
             )
+            ledger.reserve(conn, task.account_id, task.id, units, now)
+            if rate_tat is not None:
+                conn.execute(
+                    update(accounts)
+                    .where(accounts.c.id == task.account_id)
+                    .values(rate_tat=rate_tat)
+                )
+            if admission is not None and admission.idempotency_key is not None:
+                conn.execute(
+                    insert(idempotency_keys).values(
+                        key_id=task.key_id,
+                        idempotency_key=admission.idempotency_key,
+                        fingerprint=admission.fingerprint,
+                        task_id=task.id,
+                        created_at=now,
+                        expires_at=now + timedelta(seconds=IDEMPOTENCY_TTL_SECONDS),
+                    )
+                )
+        return task, False
+
+    def _replay(
+        self, conn: Connection, task: Task, admission: Admission, now: datetime
+    ) -> Task | None:
+        """The task an earlier request with this Idempotency-Key created, if any."""
+        same_key = and_(
+            idempotency_keys.c.key_id == task.key_id,
+            idempotency_keys.c.idempotency_key == admission.idempotency_key,
+        )
+        conn.execute(delete(idempotency_keys).where(same_key, idempotency_keys.c.expires_at <= now))
+        seen = conn.execute(
+            select(idempotency_keys.c.fingerprint, idempotency_keys.c.task_id).where(same_key)
+        ).first()
+        if seen is None:
+            return None
+        if seen.fingerprint != admission.fingerprint:
+            raise ConflictError(
+                "This Idempotency-Key was already used with a different request body; "
+                "use a new key for a different request",
+                param="Idempotency-Key",
+            )
+        return task_from_row(conn.execute(_TASK_BY_ID, {"task_id": seen.task_id}).one())
+
+    def _admit_capacity(self, conn: Connection, account_id: str, admission: Admission) -> None:
+        """The account's and the server's limits on unfinished tasks."""
+        unfinished = conn.execute(
+            select(func.count()).where(
+                tasks.c.account_id == account_id, tasks.c.status.in_(_UNFINISHED)
+            )
+        ).scalar_one()
+        if unfinished >= admission.max_concurrent_tasks:
+            raise TooManyUnfinished(admission.max_concurrent_tasks)
+        if conn.dialect.name == "postgresql":
+            # Creates of different accounts count the server's tasks one at a time
+            # (SQLite's write lock already does that), so the cap holds exactly.
+            conn.execute(select(func.pg_advisory_xact_lock(_QUEUE_CAP_LOCK)))
+        counts: dict[str, int] = dict(
+            conn.execute(
+                select(tasks.c.status, func.count())
+                .where(tasks.c.status.in_(_UNFINISHED))
+                .group_by(tasks.c.status)
+            ).all()
+        )
+        total = sum(counts.values())
+        if total >= admission.max_queued_tasks:
+            raise QueueFull(total, counts.get(_PROCESSING, 0), admission.max_queued_tasks)
+
+    def unfinished_tasks(self, account_id: str) -> list[Task]:
+        query = select(tasks).where(
+            tasks.c.account_id == account_id, tasks.c.status.in_(_UNFINISHED)
+        )
+        with self._read() as conn:
+            return [task_from_row(row) for row in conn.execute(query)]
+
+    def purge_idempotency_keys(self) -> int:
+        """Forget Idempotency-Keys older than 24 hours."""
+        with self._write() as conn:
+            statement = delete(idempotency_keys).where(
+                idempotency_keys.c.expires_at <= self.clock.now()
+            )
+            return int(conn.execute(statement).rowcount)
 
     def get_task(self, task_id: str, key_id: str | None = None) -> Task | None:
         """The task, or None when it does not exist or belongs to another key."""
@@ -83,7 +229,7 @@ class TaskQueue(StoreBase):
 
     def queue_position(self, task: Task) -> int:
         """How many pending tasks will be started before this one."""
-        values = {"created_at": task.created_at, "task_id": task.id}
+        values = {"priority_at": task.priority_at or task.created_at, "task_id": task.id}
         with self._read() as conn:
             return int(conn.execute(_QUEUE_AHEAD, values).scalar_one())
 
@@ -119,7 +265,7 @@ class TaskQueue(StoreBase):
         oldest = (
             select(tasks.c.id)
             .where(pending)
-            .order_by(tasks.c.created_at, tasks.c.id)
+            .order_by(tasks.c.priority_at, tasks.c.id)
             .limit(1)
             .with_for_update(skip_locked=True)
             .scalar_subquery()
@@ -232,7 +378,8 @@ class TaskQueue(StoreBase):
         )
         with self._write() as conn:
             failed = conn.execute(exhausted.returning(tasks.c.id, tasks.c.params)).all()
-            for row in failed:
+            for row in sorted(failed, key=lambda row: row.id):
+                ledger.settle(conn, row.id, 0, now)
                 outbox.enqueue(conn, row.id, row.params, now)
             requeued = conn.execute(requeue).rowcount
         return len(failed) + int(requeued)
@@ -251,6 +398,7 @@ class TaskQueue(StoreBase):
                 .returning(tasks.c.params)
             ).first()
             if cancelled is not None:
+                ledger.settle(conn, task_id, 0, now)
                 outbox.enqueue(conn, task_id, cancelled.params, now)
             conn.execute(
                 update(tasks)
@@ -319,10 +467,12 @@ class TaskQueue(StoreBase):
                 lease_expires_at=None,
                 **values,
             )
-            .returning(tasks.c.params)
+            .returning(tasks.c.params, tasks.c.result_keys)
         )
         with self._write() as conn:
             row = conn.execute(statement).first()
             if row is not None:
+                # Billing is final before the callback is queued (the seed's order).
+                ledger.settle(conn, task_id, len(row.result_keys or []), now)
                 outbox.enqueue(conn, task_id, row.params, now)
         return row is not None

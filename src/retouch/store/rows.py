@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
+from retouch.accounts import Account
 from retouch.keys import ApiKey
 from retouch.tasks import EditParams, Task, TaskError, TaskStatus
 
@@ -31,11 +32,13 @@ def task_from_row(row: Row[Any]) -> Task:
     return Task(
         id=row.id,
         key_id=row.key_id,
+        account_id=row.account_id,
         model=row.model,
         status=TaskStatus(row.status),
         progress=row.progress,
         params=EditParams.from_json(row.params),
         created_at=row.created_at,
+        priority_at=row.priority_at,
         user_group=row.user_group,
         credits_reserved=row.credits_reserved,
         attempts=row.attempts,
@@ -50,12 +53,28 @@ def task_from_row(row: Row[Any]) -> Task:
     )
 
 
-def key_from_row(row: Row[Any]) -> ApiKey:
+def key_from_row(key: Row[Any], account: Account) -> ApiKey:
     return ApiKey(
+        id=key.id,
+        name=key.name,
+        prefix=key.prefix,
+        account=account,
+        created_at=key.created_at,
+        revoked_at=key.revoked_at,
+    )
+
+
+def account_from_row(row: Any) -> Account:
+    """From an `accounts` row (or anything with its columns as attributes)."""
+    models = row.allowed_models
+    return Account(
         id=row.id,
         name=row.name,
-        prefix=row.prefix,
         user_group=row.user_group,
         created_at=row.created_at,
-        revoked_at=row.revoked_at,
+        balance_units=int(row.balance_units),
+        reserved_units=int(row.reserved_units),
+        allowed_models=None if models is None else tuple(models),
+        requests_per_minute=row.requests_per_minute,
+        max_concurrent_tasks=row.max_concurrent_tasks,
     )

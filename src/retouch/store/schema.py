@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -54,16 +55,36 @@ metadata = MetaData(
     }
 )
 
+# An account holds credits and limits; its keys act for it. `balance_units` and
+# `reserved_units` are running totals of the ledger, kept beside it in the same
+# transactions (and verified against it by `retouch ledger check`); `rate_tat` is
+# the rate limiter's state (the GCRA's theoretical arrival time).
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("user_group", String(20), nullable=False),
+    Column("allowed_models", JSON, nullable=True),
+    Column("requests_per_minute", Integer, nullable=True),
+    Column("max_concurrent_tasks", Integer, nullable=True),
+    Column("balance_units", BigInteger, nullable=False),
+    Column("reserved_units", BigInteger, nullable=False),
+    Column("rate_tat", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
 api_keys = Table(
     "api_keys",
     metadata,
     Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
     Column("name", String(200), nullable=False),
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("prefix", String(16), nullable=False),
-    Column("user_group", String(20), nullable=False, default="default"),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("revoked_at", UTCDateTime(), nullable=True),
+    Index("ix_api_keys_account", "account_id"),
 )
 
 tasks = Table(
@@ -71,6 +92,7 @@ tasks = Table(
     metadata,
     Column("id", String(64), primary_key=True),
     Column("key_id", String(40), ForeignKey("api_keys.id"), nullable=False),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
     Column("model", String(100), nullable=False),
     Column("status", String(20), nullable=False),
     Column("progress", Integer, nullable=False, default=0),
@@ -78,6 +100,8 @@ tasks = Table(
     Column("user_group", String(20), nullable=False),
     Column("credits_reserved", Float, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+    # The queue's order: `created_at`, less the vip head start for vip tasks.
+    Column("priority_at", UTCDateTime(), nullable=False),
     Column("started_at", UTCDateTime(), nullable=True),
     Column("finished_at", UTCDateTime(), nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
@@ -91,8 +115,9 @@ tasks = Table(
     Column("result_keys", JSON, nullable=True),
     Column("results_expire_at", UTCDateTime(), nullable=True),
     Column("results_purged", Boolean, nullable=False, default=False),
-    Index("ix_tasks_queue", "status", "created_at"),
+    Index("ix_tasks_queue", "status", "priority_at"),
     Index("ix_tasks_key_created", "key_id", "created_at"),
+    Index("ix_tasks_account_status", "account_id", "status"),
     Index("ix_tasks_results_expire", "results_purged", "results_expire_at"),
 )
 
@@ -114,4 +139,34 @@ callback_deliveries = Table(
     Column("finished_at", UTCDateTime(), nullable=True),
     Index("ix_callback_deliveries_due", "status", "next_attempt_at"),
     Index("ix_callback_deliveries_task", "task_id", "created_at"),
+)
+
+# The credits ledger: append-only. A task has at most one entry of each kind
+# (the unique index), and the ledger check requires exactly one reserve and,
+# once the task is terminal, exactly one capture or release.
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=True),
+    Column("kind", String(10), nullable=False),
+    Column("units", BigInteger, nullable=False),
+    Column("note", Text, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_ledger_entries_account", "account_id", "id"),
+    Index("uq_ledger_entries_task_kind", "task_id", "kind", unique=True),
+)
+
+# `Idempotency-Key`s seen on create, per API key, for 24 hours.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("key_id", String(40), ForeignKey("api_keys.id"), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("task_id", String(64), ForeignKey("tasks.id"), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index("ix_idempotency_keys_expires", "expires_at"),
 )
