@@ -55,7 +55,7 @@ QUICK_CONCURRENCY = 4
 STARTUP_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 LOG_TAIL_LINES = 20
-ACCESS_LINE = re.compile(r'" (\d{3}) ')
+ACCESS_LINE = re.compile(r'" (\d{3})\b')
 CREATE_BODY: dict[str, Any] = {
     "model": "qwen-image-edit",
     "prompt": "replace the background",

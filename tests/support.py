@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image
+from sqlalchemy import create_engine, text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,10 +161,12 @@ def demo_serve_args(steps: int) -> tuple[str, ...]:
 
 
 class ServeProcess:
-    """A real `retouch serve` process. Every data directory one has served is
-    listed in `served_data_dirs` (the acceptance suite checks their ledgers)."""
+    """A real `retouch serve` process. Every data directory whose database one has
+    served is listed in `served_data_dirs` (the acceptance suite checks their ledgers)."""
 
     served_data_dirs: ClassVar[set[Path]] = set()
+    command = "serve"
+    port_flag = "--port"
 
     def __init__(
         self, data_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None
@@ -171,28 +175,29 @@ class ServeProcess:
         self.env = {**os.environ, **(env or {})}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data_dir.parent / f"serve-{self.port}-{time.monotonic_ns()}.log"
+        self.log_path = data_dir.parent / f"{self.command}-{self.port}-{time.monotonic_ns()}.log"
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0) -> ServeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        ServeProcess.served_data_dirs.add(self.data_dir)
+        if "--database-url" not in self.args:
+            ServeProcess.served_data_dirs.add(self.data_dir)
         command = [
-            sys.executable, "-m", "retouch", "serve",
-            "--data-dir", str(self.data_dir), "--port", str(self.port), *self.args,
+            sys.executable, "-m", "retouch", self.command,
+            "--data-dir", str(self.data_dir), self.port_flag, str(self.port), *self.args,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=self.env
             )
-        wait_for(self._healthy, timeout=timeout, interval=0.2, what=f"serve on {self.url}")
+        wait_for(self._healthy, timeout=timeout, interval=0.2, what=f"{self.command} on {self.url}")
         return self
 
     def _healthy(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError(f"retouch serve exited early:\n{self.log()}")
+            raise AssertionError(f"retouch {self.command} exited early:\n{self.log()}")
         try:
             return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
@@ -209,6 +214,13 @@ class ServeProcess:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.kill(signal.SIGTERM)
+
+
+class WorkerProcess(ServeProcess):
+    """A real `retouch worker` process; healthy once its model is loaded."""
+
+    command = "worker"
+    port_flag = "--worker-port"
 
 
 def retouch_cli(
@@ -230,3 +242,19 @@ def running(server: ServeProcess) -> Iterator[ServeProcess]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def postgres_schema(base_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL schema of its own; the URL points `search_path` at it."""
+    schema = f"test_{secrets.token_hex(6)}"
+    admin = create_engine(base_url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    separator = "&" if "?" in base_url else "?"
+    try:
+        yield f"{base_url}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()

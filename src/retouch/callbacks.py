@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import httpx
 
 from retouch.clock import Clock
+from retouch.metrics import CALLBACKS, STAGE_SECONDS
 from retouch.netguard import AddressGuard, DestinationRefused, UrlRules, guarded_transport
 from retouch.store import Store
 from retouch.store.outbox import Delivery
@@ -107,16 +109,20 @@ class CallbackDispatcher:
             self._record(delivery, None, "the task no longer exists", final=True)
             return
         body = json.dumps(self.render(task), separators=(",", ":")).encode()
+        started = time.perf_counter()
         try:
             status = self._post(delivery, task, body)
         except (httpx.HTTPError, DestinationRefused, ValueError) as exc:
             log.info("callback %s for %s failed: %s", delivery.id, task.id, exc)
             self._record(delivery, None, f"{type(exc).__name__}: {exc}"[:500])
             return
+        finally:
+            STAGE_SECONDS.labels("callback").observe(time.perf_counter() - started)
         if 200 <= status < 300:
             self.store.record_attempt(
                 delivery.id, delivered=True, status_code=status, error=None, retry_at=None
             )
+            CALLBACKS.labels("delivered").inc()
             return
         self._record(delivery, status, f"the receiver answered HTTP {status}")
 
@@ -141,6 +147,7 @@ class CallbackDispatcher:
         retry_at = None
         if not final and delivery.attempts < len(delays):
             retry_at = self.clock.now() + timedelta(seconds=delays[delivery.attempts])
+        CALLBACKS.labels("failed" if retry_at is None else "retry").inc()
         self.store.record_attempt(
             delivery.id, delivered=False, status_code=status, error=error, retry_at=retry_at
         )

@@ -90,7 +90,8 @@ def main() -> None:
 @settings_options()
 def serve(**options: Any) -> None:
     """Serve the API with an in-process worker (SQLite and local files by default)."""
-    from retouch.server import StartupError, configure_logging
+    from retouch.logs import configure_logging
+    from retouch.server import StartupError
     from retouch.server import serve as run
 
     settings = build_settings(**options)
@@ -98,6 +99,31 @@ def serve(**options: Any) -> None:
     try:
         run(settings)
     except StartupError as exc:
+        click.echo(f"retouch: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@settings_options(
+    "data_dir", "database_url", "storage", "s3_endpoint_url", "s3_region", "host",
+    "worker_port", "shutdown_grace_seconds", "model", "models_file", "model_name", "family",
+    "steps", "true_cfg_scale", "device", "dtype", "offload", "compile", "quantize",
+    "quantize_text_encoder", "lora", "lora_weight", "lora_steps", "lora_true_cfg_scale", "price",
+    "result_ttl_seconds", "lease_seconds", "poll_interval_seconds", "allow_private_networks",
+    "fetch_ports", "fetch_timeout_seconds", "max_image_bytes",
+)  # fmt: skip
+def worker(**options: Any) -> None:
+    """Run edits from a shared database (one process per GPU: --device cuda:N).
+
+    SIGTERM (or Ctrl-C) stops claiming, lets the running task finish for up to
+    --shutdown-grace-seconds, hands it back to the queue if it has not, and exits 0.
+    """
+    from retouch.worker_process import WorkerStartupError, run_worker
+
+    settings = build_settings(**options)
+    try:
+        run_worker(settings)
+    except WorkerStartupError as exc:
         click.echo(f"retouch: {exc}", err=True)
         sys.exit(1)
 

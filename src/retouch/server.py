@@ -11,7 +11,6 @@ import fcntl
 import logging
 import multiprocessing
 import os
-import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -26,14 +25,13 @@ from retouch.api.app import create_app
 from retouch.api.service import TaskService
 from retouch.callbacks import CallbackDispatcher, CallbackPolicy
 from retouch.clock import SystemClock
-from retouch.errors import ModelLoadError
 from retouch.janitor import Janitor
 from retouch.models import ModelsFileError, ModelSpec
 from retouch.netguard import AddressGuard, UrlRules
 from retouch.prompts import PromptTokenCounter
 from retouch.settings import Settings
-from retouch.storage import LocalResultStorage
 from retouch.store import Store, migrate
+from retouch.worker_process import result_storage, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +61,13 @@ def serve(settings: Settings) -> None:
     with _exclusive(settings.data_dir):
         store = open_store(settings)
         clock = SystemClock()
-        storage = LocalResultStorage(settings.results_dir, settings.signing_key(), clock)
-        # This process holds the data directory: no other worker can own a lease.
-        taken_over = store.reap_expired_leases(settings.max_attempts, all_leases=True)
-        if taken_over:
-            log.warning("%d task(s) were running when the server last stopped", taken_over)
+        storage = result_storage(settings, clock)
+        if store.engine.dialect.name == "sqlite":
+            # One box: this process holds the data directory and its database, so
+            # no other worker can own a lease. (A shared database may have some.)
+            taken_over = store.reap_expired_leases(settings.max_attempts, all_leases=True)
+            if taken_over:
+                log.warning("%d task(s) were running when the server last stopped", taken_over)
         supervisor = WorkerSupervisor(settings) if settings.worker else None
         if supervisor is not None:
             supervisor.start()
@@ -123,7 +123,10 @@ def serve(settings: Settings) -> None:
         )
         _print_hint(settings, store, specs)
         try:
-            uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+            # uvicorn's loggers go through ours (JSON lines when not on a terminal).
+            uvicorn.run(
+                app, host=settings.host, port=settings.port, log_level="info", log_config=None
+            )
         finally:
             dispatcher.stop()
             janitor.stop()
@@ -154,8 +157,8 @@ class WorkerSupervisor:
         process = self._process
         if process is None or not process.is_alive():
             return
-        process.terminate()  # SIGTERM: the running task goes back to the queue
-        process.join(_STOP_GRACE_SECONDS)
+        process.terminate()  # SIGTERM: finish the running task, within the grace period
+        process.join(self.settings.shutdown_grace_seconds + _STOP_GRACE_SECONDS)
         if process.is_alive():
             process.kill()
             process.join()
@@ -206,71 +209,6 @@ class WorkerSupervisor:
                 self._process = self._spawn()
             except StartupError as exc:
                 log.error("could not restart the worker: %s", exc)
-
-
-def worker_main(settings: Settings, ready: Connection, parent_pid: int) -> None:
-    """Entry point of the worker child process."""
-    _die_with_parent(parent_pid)
-    configure_logging()
-    from retouch.engine.loader import engine_options, load_engine
-    from retouch.fetch import ImageFetcher
-    from retouch.worker import LoadedModel, Worker, WorkerConfig
-
-    try:
-        options = engine_options(settings)
-        models = {
-            spec.name: LoadedModel(spec, load_engine(spec, options))
-            for spec in settings.model_specs()
-        }
-    except (ModelLoadError, ModelsFileError) as exc:
-        ready.send(("error", str(exc)))
-        sys.exit(1)
-    store = Store.from_url(settings.resolved_database_url)
-    clock = SystemClock()
-    worker = Worker(
-        store,
-        LocalResultStorage(settings.results_dir, settings.signing_key(), clock),
-        models,
-        ImageFetcher(
-            allow_private_networks=settings.allow_private_networks,
-            allowed_ports=settings.allowed_fetch_ports,
-            max_bytes=settings.max_image_bytes,
-            timeout_seconds=settings.fetch_timeout_seconds,
-        ),
-        WorkerConfig(
-            lease_seconds=settings.lease_seconds,
-            result_ttl_seconds=settings.result_ttl_seconds,
-            poll_interval_seconds=settings.poll_interval_seconds,
-        ),
-        clock=clock,
-    )
-    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    ready.send(("ready", f"{', '.join(models)} as {worker.worker_id}"))
-    ready.close()
-    worker.run()
-
-
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to kill this child if the server dies (even by SIGKILL)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        log.debug("prctl unavailable; the worker will not follow the server's death")
-    if os.getppid() != parent_pid:
-        os._exit(1)  # the parent is already gone
 
 
 @contextmanager

@@ -106,8 +106,32 @@ class Settings(BaseSettings):
         default=None, ge=0, description="Credits per image produced by --model; default 1."
     )
     worker: bool = Field(default=True, description="Run the in-process worker.")
+    worker_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="`retouch worker`: serve /healthz, /readyz and /metrics on this port.",
+    )
+    shutdown_grace_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="On SIGTERM a worker claims nothing more and lets its running task "
+        "finish for up to this long, then hands it back to the queue.",
+    )
 
     # Tasks and results.
+    storage: str | None = Field(
+        default=None,
+        description="Where results go: a local directory, or `s3://BUCKET/PREFIX` "
+        "(credentials from the usual AWS environment and files); default: DATA_DIR/results.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible store (SeaweedFS, MinIO, R2); default: AWS S3.",
+    )
+    s3_region: str | None = Field(
+        default=None, description="S3 region; default: from the AWS configuration."
+    )
     result_ttl_seconds: int = Field(
         default=24 * 3600, ge=1, description="How long result links (and files) live."
     )
@@ -260,6 +284,8 @@ class Settings(BaseSettings):
 
     @property
     def results_dir(self) -> Path:
+        if self.storage and not self.storage.startswith("s3://"):
+            return Path(self.storage).expanduser()
         return self.data_dir / "results"
 
     @property

@@ -41,6 +41,30 @@ class ResultStorage(Protocol):
         their own links); refuses altered or expired links."""
         ...
 
+    def check(self) -> None:
+        """Raise unless results can be stored right now (for `/readyz`)."""
+        ...
+
+
+def open_storage(
+    location: str | None, default_dir: Path, signing_key: bytes, clock: Clock, **s3: str | None
+) -> ResultStorage:
+    """`s3://bucket/prefix` (S3-compatible object store), else a local directory."""
+    if location and location.startswith("s3://"):
+        from retouch.s3storage import S3ResultStorage
+
+        bucket, _, prefix = location.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"{location!r} names no bucket: use s3://BUCKET[/PREFIX]")
+        return S3ResultStorage(
+            bucket,
+            prefix.strip("/"),
+            clock,
+            endpoint_url=s3.get("endpoint_url"),
+            region=s3.get("region"),
+        )
+    return LocalResultStorage(Path(location) if location else default_dir, signing_key, clock)
+
 
 class LocalResultStorage:
     def __init__(self, root: Path, signing_key: bytes, clock: Clock) -> None:
@@ -97,6 +121,11 @@ class LocalResultStorage:
         if not path.is_file():
             raise NotFoundError("This result no longer exists", param="key")
         return path
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise OSError(f"{self.root} is not writable")
 
     def _sign(self, key: str, expires: int) -> str:
         message = f"{key}\n{expires}".encode()

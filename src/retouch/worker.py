@@ -11,11 +11,13 @@ worker that was presumed dead can never finish a task twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,13 +30,17 @@ from retouch.engine.base import EditJob, Engine, Interrupted
 from retouch.errors import InvalidInputError
 from retouch.fetch import ImageFetcher
 from retouch.images import decode_image, encode_png
+from retouch.logs import context
+from retouch.metrics import STAGE_SECONDS, STEP_SECONDS, TASKS_FINISHED
 from retouch.models import ModelSpec
 from retouch.prompts import ensure_prompt_fits
 from retouch.storage import ResultStorage
 from retouch.store import Store
+from retouch.store.notify import Wakeups
 from retouch.tasks import MAX_SEED, Task, TaskError
 
 log = logging.getLogger(__name__)
+_JITTER = secrets.SystemRandom()
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,9 @@ class WorkerConfig:
     lease_seconds: float = 60.0
     result_ttl_seconds: int = 24 * 3600
     poll_interval_seconds: float = 0.2
+    # With notifications an idle worker still looks for work this often (a missed
+    # notification costs at most this long); without them, every poll interval.
+    idle_wait_seconds: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class Worker:
         *,
         worker_id: str | None = None,
         clock: Clock | None = None,
+        wakeups: Wakeups | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -73,39 +83,84 @@ class Worker:
         self.config = config or WorkerConfig()
         self.worker_id = worker_id or new_worker_id()
         self.clock = clock or SystemClock()
+        self.wakeups = wakeups
+        # `draining`: claim nothing more, finish what runs; `stopping`: stop now and
+        # hand what runs back to the queue.
+        self.draining = threading.Event()
         self.stopping = threading.Event()
+        self.busy = threading.Event()
         self._ready: queue.Queue[_Prepared | None] = queue.Queue()
         self._slot = threading.Semaphore(1)
 
+    def drain(self, grace_seconds: float) -> None:
+        """Stop claiming; let the running task finish for up to `grace_seconds`, then
+        hand it back to the queue (what SIGTERM does)."""
+        log.info("worker %s: draining (grace %.0f s)", self.worker_id, grace_seconds)
+        self.draining.set()
+        timer = threading.Timer(grace_seconds, self.stopping.set)
+        timer.daemon = True
+        timer.start()
+
     def run(self) -> None:
-        """Work until `stopping` is set; tasks in hand go back to the queue, not lost."""
+        """Work until drained or stopped; tasks in hand go back to the queue, not lost."""
         log.info("worker %s started, serving %s", self.worker_id, ", ".join(self.models))
+        if self.wakeups is not None:
+            self.wakeups.start()
         prefetcher = threading.Thread(target=self._prefetch_loop, name="prefetch", daemon=True)
         prefetcher.start()
         while (prepared := self._ready.get()) is not None:
             self._slot.release()
             with prepared.lease:
+                if self.draining.is_set() or self.stopping.is_set():
+                    # Claimed ahead but not started: someone else may run it now.
+                    self.store.release(prepared.task.id, self.worker_id)
+                    continue
+                self.busy.set()
                 try:
-                    _TaskRun(self, prepared).execute()
+                    with context(task_id=prepared.task.id, worker_id=self.worker_id):
+                        _TaskRun(self, prepared).execute()
                 except Exception:
                     # Finalizing failed (store unreachable): the lease will expire and
                     # the task will be retried; the worker itself carries on.
                     log.exception("task %s: could not be finalized", prepared.task.id)
+                finally:
+                    self.busy.clear()
         prefetcher.join()
         log.info("worker %s stopped", self.worker_id)
 
     # -- stage 1: claim and prepare ---------------------------------------
 
+    def _claiming(self) -> bool:
+        return not (self.draining.is_set() or self.stopping.is_set())
+
     def _prefetch_loop(self) -> None:
         try:
-            while not self.stopping.is_set():
+            while self._claiming():
                 if not self._slot.acquire(timeout=self.config.poll_interval_seconds):
                     continue
-                if not self._prefetch_one():
+                if not self._claiming() or not self._prefetch_one():
                     self._slot.release()
-                    self.stopping.wait(self.config.poll_interval_seconds)
+                    self._idle()
         finally:
             self._ready.put(None)
+
+    def _idle(self) -> None:
+        """Wait for work: woken by the store's notification of a new task where the
+        backend has one (PostgreSQL), else after the poll interval."""
+        deadline = time.monotonic() + self.config.idle_wait_seconds
+        while self._claiming():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            # Jittered, so that workers polling one database do not fall into step.
+            step = min(remaining, self.config.poll_interval_seconds * _JITTER.uniform(0.8, 1.2))
+            if self.wakeups is None:
+                self.stopping.wait(step)
+                if self.draining.is_set():
+                    return
+                continue
+            if self.wakeups.wait(step):
+                return
 
     def _prefetch_one(self) -> bool:
         """Claim a task and hand it to the engine stage; False when none was handed."""
@@ -119,10 +174,14 @@ class Worker:
             return False
         if task is None:
             return False
+        if task.started_at is not None:
+            wait = (task.started_at - task.created_at).total_seconds()
+            STAGE_SECONDS.labels("queue_wait").observe(max(0.0, wait))
         lease = _LeaseKeeper(self.store, task.id, self.worker_id, self.config.lease_seconds)
         lease.start()
         try:
-            prepared = self._prepare(task, lease)
+            with context(task_id=task.id, worker_id=self.worker_id):
+                prepared = self._prepare(task, lease)
         except BaseException:
             lease.stop()
             raise
@@ -162,7 +221,7 @@ class Worker:
             param = f"image_urls[{index}]"
             return decode_image(self.fetcher.fetch(urls[index], param), param)
 
-        with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        with STAGE_SECONDS.labels("fetch").time(), ThreadPoolExecutor(len(urls)) as pool:
             return list(pool.map(fetch, range(len(urls))))
 
 
@@ -188,18 +247,23 @@ class _TaskRun:
         self.images = prepared.images
         self.store = worker.store
         self._reported = self.task.progress
+        self._last_step = time.perf_counter()
 
     def execute(self) -> None:
         try:
             if self.should_stop():
                 raise Interrupted
+            started = time.perf_counter()
+            self._last_step = started
             outputs = self.model.engine.run(self._job(), self.on_step, self.should_stop)
+            STAGE_SECONDS.labels("gpu").observe(time.perf_counter() - started)
             self._finish(outputs)
         except Interrupted:
             self._interrupted()
         except Exception as exc:
             log.exception("task %s: the engine failed", self.task.id)
-            self.store.fail(self.task.id, self.worker.worker_id, engine_error(exc))
+            if self.store.fail(self.task.id, self.worker.worker_id, engine_error(exc)):
+                TASKS_FINISHED.labels("failed").inc()
 
     def should_stop(self) -> bool:
         return self.worker.stopping.is_set() or self.store.should_stop(
@@ -207,6 +271,9 @@ class _TaskRun:
         )
 
     def on_step(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        STEP_SECONDS.observe(now - self._last_step)
+        self._last_step = now
         # 100 is reserved for a completed task; steps map onto 0-99.
         progress = min(99, done * 100 // max(total, 1))
         if progress > self._reported:
@@ -232,20 +299,38 @@ class _TaskRun:
 
     def _finish(self, outputs: list[Image.Image]) -> None:
         worker = self.worker
-        keys = [
-            worker.storage.put(self.task.id, index, encode_png(image))
-            for index, image in enumerate(outputs)
-        ]
+        keys: list[str] = []
+        try:
+            with STAGE_SECONDS.labels("upload").time():
+                for index, image in enumerate(outputs):
+                    keys.append(worker.storage.put(self.task.id, index, encode_png(image)))
+        except Exception as exc:
+            log.exception("task %s: storing the results failed", self.task.id)
+            with contextlib.suppress(Exception):
+                worker.storage.delete(keys)
+            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            error = TaskError(
+                code=500,
+                type="internal_server_error",
+                message=f"storing the result images failed: {type(exc).__name__}: {detail}",
+            )
+            if self.store.fail(self.task.id, worker.worker_id, error):
+                TASKS_FINISHED.labels("failed").inc()
+            return
         expires = worker.clock.now() + timedelta(seconds=worker.config.result_ttl_seconds)
         if not self.store.complete(self.task.id, worker.worker_id, keys, expires):
             # The lease was lost (we were presumed dead): the task is someone else's now.
             log.warning("task %s: lease lost before completion; results dropped", self.task.id)
             worker.storage.delete(keys)
+            return
+        TASKS_FINISHED.labels("completed").inc()
+        log.info("task %s: completed with %d result(s)", self.task.id, len(keys))
 
     def _interrupted(self) -> None:
         worker_id = self.worker.worker_id
         if self.store.cancel_was_requested(self.task.id):
-            self.store.cancel_running(self.task.id, worker_id)
+            if self.store.cancel_running(self.task.id, worker_id):
+                TASKS_FINISHED.labels("cancelled").inc()
             log.info("task %s: cancelled", self.task.id)
         elif self.worker.stopping.is_set():
             self.store.release(self.task.id, worker_id)

@@ -6,6 +6,8 @@ here also proves that the invariants hold after it.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -327,3 +329,30 @@ def test_upgrading_gives_existing_keys_and_tasks_accounts_and_entries(tmp_path: 
         assert to_units(accounts["ann"].balance) == 101_500
     finally:
         store.close()
+
+
+def test_concurrent_starts_migrate_once(database_url: str, tmp_path: Path) -> None:
+    """Several processes starting at once (API replicas, workers) each run the
+    migrations: they must not race (an advisory lock on PostgreSQL, the write
+    lock on SQLite)."""
+    command = [sys.executable, "-m", "retouch", "migrate", "--database-url", database_url]
+    starts = [
+        subprocess.Popen(
+            [*command, "--data-dir", str(tmp_path / f"p{i}")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    outputs = [start.communicate(timeout=120)[0] for start in starts]
+    assert [start.returncode for start in starts] == [0] * 4, outputs
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+            differences = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert [row[0] for row in versions] == ["0003"]
+        assert differences == []
+    finally:
+        engine.dispose()

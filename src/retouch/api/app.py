@@ -15,6 +15,7 @@ from retouch.api.limits import BodySizeLimit
 from retouch.api.routes import router
 from retouch.api.schemas import QwenImageEditRequest
 from retouch.api.service import TaskService
+from retouch.metrics import store_registry
 
 DESCRIPTION = """\
 A self-hosted server for the qwen-image-edit async task API.
@@ -44,6 +45,7 @@ def create_app(
     )
     app.state.services = service
     app.state.admin = admin
+    app.state.metrics_registry = store_registry(service.store)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)

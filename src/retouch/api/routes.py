@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -27,6 +27,7 @@ from retouch.api.schemas import (
 from retouch.api.service import TaskService
 from retouch.errors import InvalidRequestError, PermissionDeniedError
 from retouch.keys import ApiKey
+from retouch.metrics import readiness_problems, render_latest
 from retouch.tasks import Task
 
 router = APIRouter()
@@ -273,3 +274,29 @@ async def download_result(key: str, request: Request) -> FileResponse:
 @router.get("/healthz", tags=["Operations"], summary="Liveness")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    tags=["Operations"],
+    summary="Readiness: the database and the result storage answer",
+    responses={503: {"description": "Not ready; `problems` says why"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    service = _service(request)
+    problems = await run_in_threadpool(readiness_problems, service.store, service.storage)
+    if problems:
+        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ready", "problems": []})
+
+
+@router.get(
+    "/metrics",
+    tags=["Operations"],
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+)
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics_registry
+    body, content_type = await run_in_threadpool(render_latest, registry)
+    return Response(body, media_type=content_type)

@@ -9,7 +9,8 @@ outside Retouch edits the database; `check_ledger` proves they do not.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -19,6 +20,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -174,6 +176,16 @@ def find_account(conn: Connection, ref: str, *, lock: bool = False) -> Any:
     return next((row for row in rows if row.id == ref), rows[0])
 
 
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """What `/metrics` reads from the database."""
+
+    tasks_by_status: dict[str, int]
+    oldest_pending_seconds: float
+    credits_by_kind: dict[str, float]
+    held: float
+
+
 class AccountStore(StoreBase):
     """Accounts, grants, and the ledger's invariants."""
 
@@ -286,6 +298,39 @@ class AccountStore(StoreBase):
         by_status = {status.value: 0 for status in TaskStatus}
         by_status.update({status: int(count) for status, count in counts})
         return Usage(account=account, tasks=by_status)
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        with self._read() as conn:
+            counts: dict[str, int] = dict(
+                conn.execute(select(tasks.c.status, func.count()).group_by(tasks.c.status)).all()
+            )
+            oldest = conn.execute(
+                select(func.min(tasks.c.created_at)).where(
+                    tasks.c.status == TaskStatus.PENDING.value
+                )
+            ).scalar_one_or_none()
+            sums: dict[str, int] = dict(
+                conn.execute(
+                    select(ledger_entries.c.kind, func.sum(ledger_entries.c.units)).group_by(
+                        ledger_entries.c.kind
+                    )
+                ).all()
+            )
+            held = conn.execute(select(func.sum(accounts.c.reserved_units))).scalar_one_or_none()
+        if isinstance(oldest, str):  # SQLite's MIN() hands back the stored text
+            oldest = datetime.fromisoformat(oldest).replace(tzinfo=UTC)
+        age = (self.clock.now() - oldest).total_seconds() if oldest is not None else 0.0
+        return MetricsSnapshot(
+            tasks_by_status={s.value: int(counts.get(s.value, 0)) for s in TaskStatus},
+            oldest_pending_seconds=max(0.0, age),
+            credits_by_kind={k.value: to_credits(int(sums.get(k.value) or 0)) for k in EntryKind},
+            held=to_credits(int(held or 0)),
+        )
+
+    def ping(self) -> None:
+        """Raise unless the database answers."""
+        with self._read() as conn:
+            conn.execute(select(literal(1))).scalar_one()
 
     def check_ledger(self, limit: int = 50) -> list[str]:
         """Every violation of the ledger's invariants (at most `limit` of each kind)."""

@@ -34,7 +34,7 @@ from retouch.accounts import (
     to_units,
 )
 from retouch.errors import ConflictError, InsufficientQuotaError, NotFoundError, RateLimitError
-from retouch.store import ledger, outbox
+from retouch.store import ledger, notify, outbox
 from retouch.store.base import StoreBase
 from retouch.store.rows import error_values, task_from_row
 from retouch.store.schema import accounts, idempotency_keys, tasks
@@ -138,6 +138,7 @@ class TaskQueue(StoreBase):
                 )
             )
             ledger.reserve(conn, task.account_id, task.id, units, now)
+            notify.announce_task(conn)
             if rate_tat is not None:
                 conn.execute(
                     update(accounts)
@@ -336,6 +337,7 @@ class TaskQueue(StoreBase):
         return self._update_leased(
             task_id,
             worker_id,
+            announce=True,
             status=_PENDING,
             progress=0,
             lease_owner=None,
@@ -382,6 +384,8 @@ class TaskQueue(StoreBase):
                 ledger.settle(conn, row.id, 0, now)
                 outbox.enqueue(conn, row.id, row.params, now)
             requeued = conn.execute(requeue).rowcount
+            if requeued:
+                notify.announce_task(conn)
         return len(failed) + int(requeued)
 
     # -- the client's side ---------------------------------------------------
@@ -436,7 +440,9 @@ class TaskQueue(StoreBase):
         with self._write() as conn:
             conn.execute(update(tasks).where(tasks.c.id.in_(task_ids)).values(results_purged=True))
 
-    def _update_leased(self, task_id: str, worker_id: str, **values: Any) -> bool:
+    def _update_leased(
+        self, task_id: str, worker_id: str, *, announce: bool = False, **values: Any
+    ) -> bool:
         statement = (
             update(tasks)
             .where(
@@ -447,7 +453,10 @@ class TaskQueue(StoreBase):
             .values(**values)
         )
         with self._write() as conn:
-            return conn.execute(statement).rowcount == 1
+            changed = conn.execute(statement).rowcount == 1
+            if changed and announce:
+                notify.announce_task(conn)
+            return changed
 
     def _finish(self, task_id: str, worker_id: str, status: TaskStatus, **values: Any) -> bool:
         """Move a leased task to a terminal state and queue its callback, in one

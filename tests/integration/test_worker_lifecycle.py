@@ -1,0 +1,349 @@
+"""A worker's life cycle: draining, the grace period, a hard stop, and waking up
+on PostgreSQL's notifications instead of polling."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+
+from retouch.accounts import EntryKind
+from retouch.clock import FakeClock
+from retouch.engine.fixture import FixtureEngine
+from retouch.fetch import ImageFetcher
+from retouch.keys import ApiKey
+from retouch.store import Store, create_db_engine, migrate
+from retouch.store.notify import Wakeups, announce_task
+from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
+from retouch.worker import LoadedModel, Worker, WorkerConfig
+from tests.conftest import BACKENDS, POSTGRES_URL
+from tests.integration.conftest import SPEC, Api
+from tests.integration.test_api import create, edit
+from tests.support import ImageHost, free_port, png_bytes, wait_for
+
+
+def stored(store: Store, task_id: str) -> Task:
+    task = store.get_task(task_id)
+    assert task is not None, task_id
+    return task
+
+
+def wait_task(store: Store, task_id: str, *statuses: TaskStatus, timeout: float = 20) -> Task:
+    task: Task = wait_for(
+        lambda: (found := stored(store, task_id)).status in statuses and found,
+        timeout=timeout,
+        what=f"{task_id} to become {[s.value for s in statuses]}",
+    )
+    return task
+
+
+def ledger_kinds(store: Store, task: Task) -> list[EntryKind]:
+    """The kinds of the ledger entries of one task, oldest first."""
+    entries = reversed(store.ledger(task.account_id))
+    return [entry.kind for entry in entries if entry.task_id == task.id]
+
+
+def worker_thread(api: Api, worker: Worker) -> threading.Thread:
+    return next(thread for known, thread in api.workers if known is worker)
+
+
+def assert_handed_back(store: Store, task_id: str) -> None:
+    """Back in the queue as if never claimed: nobody's lease, no progress, the
+    attempt not counted, the reservation still open."""
+    task = stored(store, task_id)
+    assert (task.status, task.progress, task.attempts) == (TaskStatus.PENDING, 0, 0)
+    assert (task.lease_owner, task.lease_expires_at, task.finished_at) == (None, None, None)
+    assert ledger_kinds(store, task) == [EntryKind.RESERVE]
+
+
+# -- draining and stopping -----------------------------------------------------
+
+
+def test_drain_lets_the_running_task_finish_and_claims_nothing_more(
+    api: Api, image_host: ImageHost
+) -> None:
+    worker = api.start_worker(FixtureEngine(step_seconds=0.05, steps=30))
+    thread = worker_thread(api, worker)
+    url = image_host.add("/a.png", png_bytes())
+    running = create(api, edit([url]))["id"]
+    wait_for(worker.busy.is_set, timeout=10, what="the first task to run")
+    api.clock.advance(1)  # the next two queue in a known order
+    ahead = create(api, edit([url]))["id"]
+    api.clock.advance(1)
+    waiting = create(api, edit([url]))["id"]
+    # The worker claims one task ahead of the engine, and only one.
+    claimed = wait_task(api.store, ahead, TaskStatus.PROCESSING, timeout=5)
+    assert claimed.lease_owner == worker.worker_id and claimed.attempts == 1
+    assert stored(api.store, waiting).status is TaskStatus.PENDING
+    assert worker.busy.is_set(), "the first task is still running when the drain begins"
+
+    worker.drain(grace_seconds=30)
+
+    thread.join(10)
+    assert not thread.is_alive(), "a drained worker exits once its task is done"
+    done = stored(api.store, running)
+    assert (done.status, done.progress, done.attempts) == (TaskStatus.COMPLETED, 100, 1)
+    assert len(done.result_keys) == 1
+    assert ledger_kinds(api.store, done) == [EntryKind.RESERVE, EntryKind.CAPTURE]
+    # The task claimed ahead went back untouched; the other was never claimed.
+    assert_handed_back(api.store, ahead)
+    assert_handed_back(api.store, waiting)
+    assert not worker.stopping.is_set(), "the grace period has not run out"
+
+
+def test_an_idle_worker_drains_at_once(api: Api, image_host: ImageHost) -> None:
+    worker = api.start_worker(FixtureEngine(step_seconds=0.01, steps=2))
+    thread = worker_thread(api, worker)
+    time.sleep(0.1)  # several idle polls
+    started = time.monotonic()
+    worker.drain(grace_seconds=30)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 1.0
+    later = create(api, edit([image_host.add("/a.png", png_bytes())]))["id"]
+    time.sleep(0.1)
+    assert_handed_back(api.store, later)
+
+
+def test_when_the_grace_period_runs_out_the_task_goes_back_to_the_queue(
+    api: Api, image_host: ImageHost
+) -> None:
+    worker = api.start_worker(FixtureEngine(step_seconds=0.05, steps=200))
+    thread = worker_thread(api, worker)
+    url = image_host.add("/a.png", png_bytes())
+    task_id = create(api, edit([url]))["id"]
+    wait_for(lambda: stored(api.store, task_id).progress >= 2, timeout=10, what="progress")
+
+    started = time.monotonic()
+    worker.drain(grace_seconds=0.2)
+    thread.join(5)
+    elapsed = time.monotonic() - started
+
+    assert not thread.is_alive()
+    assert 0.2 <= elapsed < 2.0, elapsed
+    assert worker.stopping.is_set()
+    assert_handed_back(api.store, task_id)
+
+    # Another worker takes it up and finishes it: one attempt, one capture.
+    api.start_worker(FixtureEngine(step_seconds=0.001, steps=2))
+    done = wait_task(api.store, task_id, TaskStatus.COMPLETED, timeout=10)
+    assert (done.progress, done.attempts) == (100, 1)
+    assert ledger_kinds(api.store, done) == [EntryKind.RESERVE, EntryKind.CAPTURE]
+
+
+def test_a_hard_stop_hands_back_the_running_and_the_prefetched_task_at_once(
+    api: Api, image_host: ImageHost
+) -> None:
+    worker = api.start_worker(FixtureEngine(step_seconds=0.05, steps=200))
+    thread = worker_thread(api, worker)
+    url = image_host.add("/a.png", png_bytes())
+    running = create(api, edit([url]))["id"]
+    wait_for(lambda: stored(api.store, running).progress >= 1, timeout=10, what="progress")
+    ahead = create(api, edit([url]))["id"]
+    wait_task(api.store, ahead, TaskStatus.PROCESSING, timeout=5)
+
+    started = time.monotonic()
+    worker.stopping.set()
+    thread.join(5)
+
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 1.0
+    assert_handed_back(api.store, running)
+    assert_handed_back(api.store, ahead)
+
+
+# -- waking up on notifications (PostgreSQL) ---------------------------------------
+
+
+def make_task(store: Store, key: ApiKey) -> Task:
+    now = store.clock.now()
+    task = Task(
+        id=new_task_id(int(now.timestamp())),
+        key_id=key.id,
+        account_id=key.account_id,
+        model=SPEC.name,
+        status=TaskStatus.PENDING,
+        progress=0,
+        params=EditParams(prompt="edit", image_urls=["https://example.com/a.png"]),
+        created_at=now,
+        user_group=key.user_group,
+        credits_reserved=1.5,
+    )
+    return store.create_task(task)[0]
+
+
+@pytest.fixture(params=BACKENDS)
+def quiet_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A store in a database of its own. A notification reaches every listener of
+    its database whatever their schema, and other test runs may share the test
+    database: exact assertions about what a listener hears need a quiet one."""
+    if request.param == "sqlite":
+        store = Store(create_db_engine(f"sqlite:///{tmp_path / 'test.db'}"), FakeClock())
+        migrate(store.engine)
+        yield store
+        store.close()
+        return
+    assert POSTGRES_URL is not None
+    name = f"retouch_quiet_{secrets.token_hex(6)}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        store = Store(create_db_engine(url), FakeClock())
+        migrate(store.engine)
+        yield store
+        problems = store.check_ledger()
+        store.close()
+        assert not problems, problems
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+class CountingWakeups(Wakeups):
+    """Wakeups that count how often they were waited on and how often they woke."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store.engine)
+        self.waits = 0
+        self.woken = 0
+
+    def wait(self, timeout: float) -> bool:
+        self.waits += 1
+        woken = super().wait(timeout)
+        self.woken += woken
+        return woken
+
+
+def test_wakeups_exist_only_on_postgresql(store: Store) -> None:
+    wakeups = Wakeups.for_engine(store.engine)
+    if store.engine.dialect.name == "sqlite":
+        assert wakeups is None
+        return
+    assert isinstance(wakeups, Wakeups)
+    wakeups.close()
+
+
+def test_a_new_task_wakes_a_listener_and_silence_times_out(quiet_store: Store) -> None:
+    wakeups = Wakeups.for_engine(quiet_store.engine)
+    if quiet_store.engine.dialect.name == "sqlite":
+        assert wakeups is None  # SQLite workers poll
+        return
+    assert wakeups is not None
+    key = quiet_store.create_key("alice")[0]
+    try:
+        assert wakeups.wait(0) is False  # listening from here on
+        started = time.monotonic()
+        assert wakeups.wait(0.3) is False, "nothing was announced"
+        assert time.monotonic() - started >= 0.3
+
+        creator = threading.Timer(0.1, make_task, args=(quiet_store, key))
+        started = time.monotonic()
+        creator.start()
+        assert wakeups.wait(5) is True
+        assert time.monotonic() - started < 1.0
+        creator.join()
+
+        # Announcements made while nobody waited are not lost.
+        make_task(quiet_store, key)
+        time.sleep(0.1)
+        assert wakeups.wait(1) is True
+        assert wakeups.wait(0.2) is False, "each announcement wakes once"
+    finally:
+        wakeups.close()
+
+
+def test_a_task_handed_back_to_the_queue_is_announced(quiet_store: Store) -> None:
+    wakeups = Wakeups.for_engine(quiet_store.engine)
+    if wakeups is None:
+        assert quiet_store.engine.dialect.name == "sqlite"
+        return
+    assert isinstance(quiet_store.clock, FakeClock)
+    key = quiet_store.create_key("alice")[0]
+    try:
+        task = make_task(quiet_store, key)
+        assert wakeups.wait(0) is False  # listening from now on: the creation came before
+        assert quiet_store.claim_next("w1", 30.0) is not None
+        assert wakeups.wait(0.2) is False, "a claim announces nothing"
+        # Released at shutdown.
+        assert quiet_store.release(task.id, "w1")
+        assert wakeups.wait(1) is True
+        # Requeued when its worker vanished.
+        assert quiet_store.claim_next("w2", 30.0) is not None
+        quiet_store.clock.advance(31)
+        assert quiet_store.reap_expired_leases(max_attempts=3) == 1
+        assert wakeups.wait(1) is True
+        assert stored(quiet_store, task.id).status is TaskStatus.PENDING
+        assert wakeups.wait(0.2) is False
+    finally:
+        wakeups.close()
+
+
+def test_an_idle_worker_is_woken_by_a_new_task_not_by_its_idle_timeout(
+    api: Api, image_host: ImageHost
+) -> None:
+    if api.store.engine.dialect.name == "sqlite":
+        assert Wakeups.for_engine(api.store.engine) is None
+        return
+    wakeups = CountingWakeups(api.store)
+    worker = Worker(
+        api.store,
+        api.storage,
+        {SPEC.name: LoadedModel(SPEC, FixtureEngine(step_seconds=0.01, steps=3))},
+        ImageFetcher(allow_private_networks=True, allowed_ports=None, timeout_seconds=5),
+        WorkerConfig(lease_seconds=30, poll_interval_seconds=0.05, idle_wait_seconds=30),
+        clock=api.clock,
+        wakeups=wakeups,
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    try:
+        # Listen before the worker's first look at the queue, and make sure that
+        # announcements arrive before a worker depends on them.
+        wakeups.wait(0)
+        with api.store.engine.begin() as conn:
+            announce_task(conn)
+        assert wakeups.wait(2) is True, "the listener hears announcements"
+        wakeups.waits = wakeups.woken = 0  # from here on, the worker's own waits
+        thread.start()
+        wait_for(lambda: wakeups.waits >= 5, timeout=5, what="the worker to idle")
+        url = image_host.add("/a.png", png_bytes())
+        started = time.monotonic()
+        task_id = create(api, edit([url]))["id"]
+        wait_for(
+            lambda: stored(api.store, task_id).status is not TaskStatus.PENDING,
+            timeout=1.0,
+            interval=0.01,
+            what="the worker to claim the new task",
+        )
+        assert time.monotonic() - started < 1.0
+        assert wakeups.woken >= 1
+        wait_task(api.store, task_id, TaskStatus.COMPLETED, timeout=10)
+    finally:
+        worker.stopping.set()
+        if thread.is_alive():
+            thread.join(5)
+        wakeups.close()
+    assert not thread.is_alive()
+
+
+def test_listening_on_an_unreachable_database_waits_out_its_timeout() -> None:
+    """A worker idles by calling `wait(poll interval)` in a loop: a `wait` that
+    fails at once would spin, opening a connection and logging a traceback each
+    time, for as long as the database is down."""
+    engine = create_db_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
+    wakeups = Wakeups.for_engine(engine)
+    assert wakeups is not None
+    try:
+        started = time.monotonic()
+        assert wakeups.wait(0.2) is False
+        assert time.monotonic() - started >= 0.2
+    finally:
+        wakeups.close()
+        engine.dispose()
