@@ -268,3 +268,126 @@ def _called_back(receiver: Receiver) -> set[str]:
         if match:
             ids.add(match.group(1).decode())
     return ids
+
+
+def test_a_cancel_reaches_a_task_running_in_another_process(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The API and the worker share only the database: the worker sees the cancel
+    flag at its next denoising step (20 ms apart here)."""
+    images = ImageHost()
+    shared = [
+        "--database-url", database_url, "--model", "fixture",
+        "--storage", str(tmp_path / "results"),
+        "--allow-private-networks", "--fetch-ports", "any",
+    ]  # fmt: skip
+    created = retouch_cli(
+        "keys", "create", "--name", "canceller",
+        "--database-url", database_url, "--data-dir", str(tmp_path / "cli"),
+    )  # fmt: skip
+    headers = {"Authorization": f"Bearer {created.stdout.strip()}"}
+    api = ServeProcess(tmp_path / "api", *shared, "--no-worker")
+    worker = WorkerProcess(tmp_path / "worker", *shared, "--steps", "200")  # 4 s a task
+    try:
+        api.start()
+        worker.start()
+        body = {
+            "model": "qwen-image-edit",
+            "prompt": "a long edit",
+            "image_urls": [images.add("/a.png", png_bytes())],
+        }
+        task = httpx.post(f"{api.url}/v1/images/generations", json=body, headers=headers).json()
+
+        def detail() -> dict[str, Any]:
+            url = f"{api.url}/v1/tasks/{task['id']}"
+            return dict(httpx.get(url, headers=headers).json())
+
+        wait_for(lambda: detail()["progress"] > 0, timeout=30, what="the task to run")
+        asked = time.monotonic()
+        cancel = httpx.post(f"{api.url}/v1/tasks/{task['id']}/cancel", headers=headers)
+        assert cancel.status_code == 200, cancel.text
+        wait_for(
+            lambda: detail()["status"] == "cancelled", timeout=10, interval=0.02, what="cancel"
+        )
+        took = time.monotonic() - asked
+        assert took < 2.0, f"the cancel took {took:.2f} s to reach the worker"
+        assert 0 < detail()["progress"] < 100
+        assert _ledger_kinds(database_url) == {"reserve": 1, "release": 1}
+    finally:
+        api.stop()
+        worker.stop()
+        images.close()
+
+
+def test_the_demo_model_in_worker_processes_survives_a_killed_worker(
+    tmp_path: Path,
+    database_url: str,
+    seaweedfs: SeaweedS3,
+) -> None:
+    """The real diffusers pipeline (the demo checkpoint, from a local directory) in
+    two `retouch worker` processes writing to S3: one is killed mid-denoise, its
+    task runs again on the other, every task completes and is charged once."""
+    bucket = f"demo-{secrets.token_hex(4)}"
+    seaweedfs.admin.create_bucket(Bucket=bucket)
+    checkpoint = tmp_path / "demo-checkpoint"
+    retouch_cli("demo-model", str(checkpoint), timeout=300)
+    images = ImageHost()
+    env = {
+        "AWS_ACCESS_KEY_ID": seaweedfs.access_key,
+        "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key,
+        "AWS_DEFAULT_REGION": seaweedfs.region,
+    }
+    shared = [
+        "--database-url", database_url, "--model", str(checkpoint), "--steps", "8",
+        "--storage", f"s3://{bucket}", "--s3-endpoint-url", seaweedfs.endpoint_url,
+        "--lease-seconds", "3", "--allow-private-networks", "--fetch-ports", "any",
+    ]  # fmt: skip
+    created = retouch_cli(
+        "keys", "create", "--name", "demo",
+        "--database-url", database_url, "--data-dir", str(tmp_path / "cli"),
+    )  # fmt: skip
+    headers = {"Authorization": f"Bearer {created.stdout.strip()}"}
+    api = ServeProcess(tmp_path / "api", *shared, "--no-worker", env=env)
+    workers = [WorkerProcess(tmp_path / f"worker{i}", *shared, env=env) for i in range(2)]
+    try:
+        for process in (api, *workers):
+            process.start(timeout=300)
+        body = {
+            "model": "qwen-image-edit",
+            "prompt": "make it blue",
+            "image_urls": [images.add("/a.png", png_bytes(size=(384, 384)))],
+            "size": "512x512",
+            "seed": 7,
+        }
+        ids = [
+            httpx.post(f"{api.url}/v1/images/generations", json=body, headers=headers).json()["id"]
+            for _ in range(4)
+        ]
+        victim = workers[0]
+        wait_for(lambda: _running_on(database_url, victim), timeout=120, what="a busy worker")
+        assert victim.kill(signal.SIGKILL) == -signal.SIGKILL
+        wait_for(
+            lambda: _count(database_url, *TERMINAL) == len(ids),
+            timeout=300,
+            interval=0.5,
+            what="every task to finish",
+        )
+        tasks = {task["id"]: task for task in _tasks(database_url)}
+        assert {task["status"] for task in tasks.values()} == {"completed"}, _failures(
+            list(tasks.values())
+        )
+        assert max(task["attempts"] for task in tasks.values()) == 2  # the killed one ran again
+        outputs = []
+        for task_id in ids:
+            detail = httpx.get(f"{api.url}/v1/tasks/{task_id}", headers=headers).json()
+            download = httpx.get(detail["results"][0], timeout=10)
+            assert download.status_code == 200
+            outputs.append(download.content)
+        # Same seed, same inputs, same device: the same image, whichever worker ran it.
+        assert len(set(outputs)) == 1
+        assert _ledger_kinds(database_url) == {"reserve": len(ids), "capture": len(ids)}
+    finally:
+        api.stop()
+        for worker in workers:
+            worker.stop()
+        images.close()
