@@ -88,6 +88,13 @@ _SIGNATURES = (
 )
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The supported format the first bytes announce (JPEG, PNG, BMP, WEBP, TIFF)."""
+    if data[:2] == b"BM":
+        return "BMP"
+    return _claimed_format(data)
+
+
 def _claimed_format(data: bytes) -> str | None:
     """The supported format a file's first bytes claim, if any."""
     for signature, name in _SIGNATURES:

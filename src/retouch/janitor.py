@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
 from retouch.storage import ResultStorage
 from retouch.store import Store
@@ -21,11 +22,13 @@ class Janitor:
         *,
         max_attempts: int,
         interval_seconds: float,
+        upload_ttl_seconds: float | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
         self.max_attempts = max_attempts
         self.interval_seconds = interval_seconds
+        self.upload_ttl_seconds = upload_ttl_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -38,6 +41,16 @@ class Janitor:
             purged += len(batch)
         if purged:
             log.info("janitor: deleted the expired results of %d task(s)", purged)
+        return purged
+
+    def purge_uploads(self) -> int:
+        """Delete uploaded images once they are as old as results may get."""
+        if self.upload_ttl_seconds is None:
+            return 0
+        cutoff = self.store.clock.now() - timedelta(seconds=self.upload_ttl_seconds)
+        purged = self.storage.purge_uploads(cutoff)
+        if purged:
+            log.info("janitor: deleted %d expired upload(s)", purged)
         return purged
 
     def forget_idempotency_keys(self) -> int:
@@ -69,6 +82,7 @@ class Janitor:
                     since_purge = 0.0
                     self.purge_expired_results()
                     self.forget_idempotency_keys()
+                    self.purge_uploads()
                 self.reap_leases()
             except Exception:
                 log.exception("janitor run failed; trying again next interval")

@@ -23,7 +23,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped, unused-ignore]
 
 from retouch.clock import Clock
 from retouch.errors import NotFoundError
-from retouch.storage import _KEY
+from retouch.storage import _KEY, UPLOADS
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -71,10 +71,34 @@ class S3ResultStorage:
 
     def put(self, task_id: str, index: int, data: bytes) -> str:
         key = f"{task_id}/{index}.png"
-        self._client.put_object(
-            Bucket=self.bucket, Key=self._object(key), Body=data, ContentType="image/png"
-        )
+        self.put_object(key, data, "image/png")
         return key
+
+    def put_object(self, key: str, data: bytes, content_type: str) -> None:
+        self._client.put_object(
+            Bucket=self.bucket, Key=self._object(key), Body=data, ContentType=content_type
+        )
+
+    def get_object(self, key: str) -> bytes:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._object(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(key) from None
+            raise
+        return bytes(response["Body"].read())
+
+    def purge_uploads(self, older_than: datetime) -> int:
+        stale = []
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._object_prefix(UPLOADS)
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                if item["LastModified"] < older_than:
+                    stale.append(item["Key"].removeprefix(self._object_prefix("")))
+        self.delete(stale)
+        return len(stale)
 
     def delete(self, keys: list[str]) -> None:
         """Delete the objects behind `keys`; keys already gone are fine."""
@@ -133,6 +157,9 @@ class S3ResultStorage:
     def _object(self, key: str) -> str:
         if not _KEY.match(key):
             raise ValueError(f"not a result key: {key!r}")
+        return self._object_prefix(key)
+
+    def _object_prefix(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
 

@@ -31,6 +31,7 @@ from retouch.netguard import AddressGuard, UrlRules
 from retouch.prompts import PromptTokenCounter
 from retouch.settings import Settings
 from retouch.store import Store, migrate
+from retouch.uploads import Uploads
 from retouch.worker_process import result_storage, worker_main
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ def serve(settings: Settings) -> None:
         store = open_store(settings)
         clock = SystemClock()
         storage = result_storage(settings, clock)
+        uploads = Uploads(
+            storage, settings.signing_key(), clock, max_bytes=settings.max_image_bytes
+        )
         if store.engine.dialect.name == "sqlite":
             # One box: this process holds the data directory and its database, so
             # no other worker can own a lease. (A shared database may have some.)
@@ -76,6 +80,7 @@ def serve(settings: Settings) -> None:
             storage,
             max_attempts=settings.max_attempts,
             interval_seconds=settings.janitor_interval_seconds,
+            upload_ttl_seconds=settings.result_ttl_seconds,
         )
         janitor.start()
         public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
@@ -95,6 +100,7 @@ def serve(settings: Settings) -> None:
                 refuse_private_literals=not settings.allow_private_networks,
             ),
             limits=settings.limits,
+            uploads=uploads,
         )
         dispatcher = CallbackDispatcher(
             store,

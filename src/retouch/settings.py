@@ -44,7 +44,11 @@ class Settings(BaseSettings):
         description="Base URL of result links (set it behind a proxy or when serving beyond "
         "loopback); default: the URL a request came in on, and http://HOST:PORT in callbacks.",
     )
-    max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
+    max_request_bytes: int = Field(
+        default=42 << 20,
+        ge=1024,
+        description="Largest request body (room for three 10 MB images as data: URIs).",
+    )
 
     # The models and the engine.
     model: str | None = Field(

@@ -21,8 +21,10 @@ from urllib.parse import quote, urlencode
 from retouch.clock import Clock
 from retouch.errors import NotFoundError, PermissionDeniedError
 
-# Keys look like `<task id>/<index>.png`; nothing else is ever served.
-_KEY = re.compile(r"^task-unified-\d+-[a-z0-9]{8}/\d{1,2}\.png$")
+# Keys look like `<task id>/<index>.png` (results) or `uploads/up_<hex>` (images
+# uploaded for a task); nothing else is ever stored or served.
+_KEY = re.compile(r"^(task-unified-\d+-[a-z0-9]{8}/\d{1,2}\.png|uploads/up_[0-9a-f]{24})$")
+UPLOADS = "uploads/"
 
 
 class ResultStorage(Protocol):
@@ -31,6 +33,18 @@ class ResultStorage(Protocol):
         ...
 
     def delete(self, keys: list[str]) -> None: ...
+
+    def put_object(self, key: str, data: bytes, content_type: str) -> None:
+        """Store bytes under a key of the allowed shapes (uploads)."""
+        ...
+
+    def get_object(self, key: str) -> bytes:
+        """The bytes stored under `key`; `FileNotFoundError` when there are none."""
+        ...
+
+    def purge_uploads(self, older_than: datetime) -> int:
+        """Delete uploads stored before `older_than`; return how many."""
+        ...
 
     def link(self, base_url: str, key: str, expires_at: datetime) -> str:
         """A URL that downloads `key` without an API key until `expires_at`."""
@@ -74,6 +88,10 @@ class LocalResultStorage:
 
     def put(self, task_id: str, index: int, data: bytes) -> str:
         key = f"{task_id}/{index}.png"
+        self.put_object(key, data, "image/png")
+        return key
+
+    def put_object(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write beside, then rename: a reader never sees half a file.
@@ -85,7 +103,21 @@ class LocalResultStorage:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return key
+
+    def get_object(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def purge_uploads(self, older_than: datetime) -> int:
+        folder = self.root / UPLOADS
+        if not folder.is_dir():
+            return 0
+        cutoff = older_than.timestamp()
+        purged = 0
+        for path in folder.iterdir():
+            if path.name.startswith("up_") and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                purged += 1
+        return purged
 
     def delete(self, keys: list[str]) -> None:
         folders = set()

@@ -38,6 +38,7 @@ from retouch.storage import ResultStorage
 from retouch.store import Store
 from retouch.store.notify import Wakeups
 from retouch.tasks import MAX_SEED, Task, TaskError
+from retouch.uploads import Uploads
 
 log = logging.getLogger(__name__)
 _JITTER = secrets.SystemRandom()
@@ -75,6 +76,7 @@ class Worker:
         worker_id: str | None = None,
         clock: Clock | None = None,
         wakeups: Wakeups | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -84,6 +86,7 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         self.clock = clock or SystemClock()
         self.wakeups = wakeups
+        self.uploads = uploads
         # `draining`: claim nothing more, finish what runs; `stopping`: stop now and
         # hand what runs back to the queue.
         self.draining = threading.Event()
@@ -219,7 +222,10 @@ class Worker:
 
         def fetch(index: int) -> Image.Image:
             param = f"image_urls[{index}]"
-            return decode_image(self.fetcher.fetch(urls[index], param), param)
+            data = self.uploads.resolve(urls[index], param) if self.uploads else None
+            if data is None:
+                data = self.fetcher.fetch(urls[index], param)
+            return decode_image(data, param)
 
         with STAGE_SECONDS.labels("fetch").time(), ThreadPoolExecutor(len(urls)) as pool:
             return list(pool.map(fetch, range(len(urls))))

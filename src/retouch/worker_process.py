@@ -22,6 +22,7 @@ from retouch.settings import Settings
 from retouch.storage import open_storage
 from retouch.store import Store, migrate
 from retouch.store.notify import Wakeups
+from retouch.uploads import Uploads
 from retouch.worker import LoadedModel, Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,10 @@ def build_worker(settings: Settings, store: Store) -> Worker:
         raise WorkerStartupError(str(exc)) from None
     clock = SystemClock()
     wakeups = Wakeups.for_engine(store.engine)
+    storage = result_storage(settings, clock)
     return Worker(
         store,
-        result_storage(settings, clock),
+        storage,
         models,
         ImageFetcher(
             allow_private_networks=settings.allow_private_networks,
@@ -67,6 +69,7 @@ def build_worker(settings: Settings, store: Store) -> Worker:
         ),
         clock=clock,
         wakeups=wakeups,
+        uploads=Uploads(storage, settings.signing_key(), clock, max_bytes=settings.max_image_bytes),
     )
 
 

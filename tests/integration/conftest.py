@@ -21,6 +21,7 @@ from retouch.models import ModelSpec
 from retouch.prompts import PromptTokenCounter
 from retouch.storage import LocalResultStorage
 from retouch.store import Store
+from retouch.uploads import Uploads
 from retouch.worker import LoadedModel, Worker, WorkerConfig
 from tests.support import LiveServer
 
@@ -73,6 +74,7 @@ class Api:
             ImageFetcher(allow_private_networks=True, allowed_ports=None, timeout_seconds=5),
             WorkerConfig(lease_seconds=lease_seconds, poll_interval_seconds=0.02),
             clock=self.clock,
+            uploads=self.service.uploads,
         )
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
@@ -93,7 +95,10 @@ class Api:
 def api(store: Store, clock: FakeClock, tmp_path: Path) -> Iterator[Api]:
     storage = LocalResultStorage(tmp_path / "results", SIGNING_KEY, clock)
     models = [SPEC, ONE_IMAGE_VIP]
-    service = TaskService(store, storage, clock, models, tokens=PromptTokenCounter(tmp_path))
+    uploads = Uploads(storage, SIGNING_KEY, clock)
+    service = TaskService(
+        store, storage, clock, models, tokens=PromptTokenCounter(tmp_path), uploads=uploads
+    )
     admin = AdminService(
         store, ADMIN_TOKEN, models=[spec.name for spec in models], signing_key=SIGNING_KEY
     )

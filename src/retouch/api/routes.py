@@ -3,12 +3,20 @@ database work in one worker-thread hop (`_in_thread`), then renders."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, cast
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -21,16 +29,20 @@ from retouch.api.schemas import (
     ModelList,
     QwenImageEditRequest,
     TaskDetail,
+    UploadResponse,
     UsageResponse,
     model_info,
 )
 from retouch.api.service import TaskService
-from retouch.errors import InvalidRequestError, PermissionDeniedError
+from retouch.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from retouch.images import sniff_format
 from retouch.keys import ApiKey
 from retouch.metrics import readiness_problems, render_latest
 from retouch.tasks import Task
 
 router = APIRouter()
+SSE_POLL_SECONDS = 0.25
+SSE_KEEPALIVE_SECONDS = 15.0
 T = TypeVar("T")
 
 
@@ -146,7 +158,7 @@ async def create_generation(request: Request) -> JSONResponse:
     base_url = str(request.base_url)
 
     def work(service: TaskService, key: ApiKey) -> tuple[dict[str, Any], bool]:
-        task, replayed = service.create(key, body, idempotency_key)
+        task, replayed = service.create(key, body, idempotency_key, base_url)
         return service.render(task, base_url, detail=False), replayed
 
     rendered, replayed = await _in_thread(request, work)
@@ -227,6 +239,150 @@ async def list_models(request: Request) -> JSONResponse:
 
     data = await _in_thread(request, work, read_only=True)
     return JSONResponse({"object": "list", "data": data})
+
+
+@router.get(
+    "/v1/tasks/{task_id}/events",
+    operation_id="streamTaskEvents",
+    summary="Follow a task: Server-Sent Events (extension)",
+    description="`text/event-stream`: an `event: task` with the task detail at once and at "
+    "every change of status or progress; after a terminal status the final detail, then the "
+    "stream ends. A `: keep-alive` comment every 15 s while nothing changes.",
+    tags=["Task Management"],
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The event stream"},
+        **_errors(401, 404),
+    },
+    openapi_extra={"security": SECURITY},
+)
+async def task_events(task_id: str, request: Request) -> StreamingResponse:
+    base_url = str(request.base_url)
+    first = await _in_thread(request, lambda s, key: (key, s.get(key, task_id)), read_only=True)
+    key, task = first
+    service = _service(request)
+
+    def read() -> Task:
+        return service.get(key, task_id)
+
+    async def events() -> AsyncIterator[str]:
+        current: Task | None = task
+        shown: tuple[str, int] | None = None
+        quiet_since = time.monotonic()
+        while current is not None:
+            state = (current.status.value, current.progress)
+            if state != shown:
+                shown = state
+                quiet_since = time.monotonic()
+                body = await run_in_threadpool(service.render, current, base_url)
+                yield f"event: task\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
+                if current.status.is_terminal:
+                    return
+            elif time.monotonic() - quiet_since >= SSE_KEEPALIVE_SECONDS:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(SSE_POLL_SECONDS)
+            if await request.is_disconnected():
+                return
+            current = read() if service.store.reads_never_wait else await run_in_threadpool(read)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post(
+    "/v1/uploads",
+    operation_id="uploadImage",
+    summary="Upload an input image (extension)",
+    description="multipart/form-data with one `file`: checked like any input image "
+    "(jpg, png, bmp, webp or tiff; 384-3072 px; at most 10 MB). Answers a signed `url` that "
+    "`image_urls` accepts for one hour.",
+    tags=["Image Generation"],
+    responses={
+        200: {"model": UploadResponse, "description": "The upload"},
+        **_errors(400, 401, 413),
+    },
+    openapi_extra={
+        "security": SECURITY,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                }
+            },
+        },
+    },
+)
+async def upload_image(request: Request) -> JSONResponse:
+    bearer_secret(request)
+    service = _service(request)
+    uploads = service.uploads
+    if uploads is None:
+        raise NotFoundError("This server does not take uploads", param="file")
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise InvalidRequestError(
+            "Send the image as multipart/form-data in a field named `file`", param="file"
+        )
+    try:
+        form = await request.form(max_files=1, max_fields=10)
+    except Exception as exc:  # malformed multipart bodies
+        raise InvalidRequestError(f"The multipart body could not be read: {exc}") from None
+    try:
+        item = form.get("file")
+        if item is None or isinstance(item, str):
+            raise InvalidRequestError("`file` is required: one image file", param="file")
+        data = await item.read()
+    finally:
+        await form.close()
+    base_url = service.public_url or str(request.base_url)
+
+    def work(service: TaskService, key: ApiKey) -> dict[str, Any]:
+        upload = uploads.save(data, "file")
+        return {
+            "object": "upload",
+            "id": upload.id,
+            "url": uploads.link(base_url, upload),
+            "expires_at": int(upload.expires_at.timestamp()),
+            "bytes": upload.bytes,
+            "content_type": upload.content_type,
+            "width": upload.width,
+            "height": upload.height,
+        }
+
+    return JSONResponse(await _in_thread(request, work))
+
+
+@router.get(
+    "/v1/uploads/{upload_id}",
+    operation_id="downloadUpload",
+    summary="An uploaded image (signed link, no API key)",
+    tags=["Image Generation"],
+    responses={200: {"content": {"image/*": {}}, "description": "The image"}, **_errors(403, 404)},
+)
+async def download_upload(upload_id: str, request: Request) -> Response:
+    uploads = _service(request).uploads
+    expires = request.query_params.get("expires", "")
+    signature = request.query_params.get("signature", "")
+    if uploads is None:
+        raise NotFoundError("This server does not take uploads")
+    if not expires.isdecimal() or not signature:
+        raise PermissionDeniedError(
+            "This upload link is incomplete: `expires` and `signature` are required",
+            param="signature",
+        )
+    data = await run_in_threadpool(uploads.open_signed, upload_id, int(expires), signature)
+    media_type = f"image/{(sniff_format(data) or 'octet-stream').lower()}".replace(
+        "image/octet-stream", "application/octet-stream"
+    )
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private"})
 
 
 @router.get(

@@ -36,7 +36,8 @@ class QwenImageEditRequest(BaseModel):
         max_length=MAX_IMAGES,
         description="1-3 http(s) URLs of the input images: jpg, png, bmp, webp or tiff, "
         "width and height within 384-3072 pixels, at most 10 MB each. The content is "
-        "checked, not the extension.",
+        "checked, not the extension. Extensions: `data:image/<type>;base64,…` URIs, and "
+        "the links `POST /v1/uploads` answers.",
         examples=[["https://example.com/image1.png"]],
     )
     callback_url: str | None = Field(
@@ -69,6 +70,8 @@ class QwenImageEditRequest(BaseModel):
     @classmethod
     def _check_urls(cls, urls: list[str]) -> list[str]:
         for index, url in enumerate(urls):
+            if url[:5].lower() == "data:":
+                continue  # decoded and checked at submission (retouch.uploads)
             problem = _url_problem(url, ("http", "https"))
             if problem:
                 raise ValueError(f"image_urls[{index}] {problem}")
@@ -218,6 +221,17 @@ def model_info(spec: ModelSpec) -> ModelInfo:
         ),
         lora=Path(spec.lora.source).name if spec.lora else None,
     )
+
+
+class UploadResponse(BaseModel):
+    object: Literal["upload"] = "upload"
+    id: str
+    url: str = Field(description="Signed link that `image_urls` accepts until `expires_at`.")
+    expires_at: int
+    bytes: int
+    content_type: str
+    width: int
+    height: int
 
 
 class AccountRef(BaseModel):

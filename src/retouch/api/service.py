@@ -26,6 +26,7 @@ from retouch.prompts import PromptTokenCounter, ensure_prompt_fits
 from retouch.storage import ResultStorage
 from retouch.store import Store
 from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
+from retouch.uploads import Uploads, is_data_uri
 
 DEFAULT_TASK_SECONDS = 30.0
 _ESTIMATE_CACHE_SECONDS = 10.0
@@ -43,6 +44,7 @@ class TaskService:
         image_rules: UrlRules | None = None,
         callback_rules: UrlRules | None = None,
         limits: Limits | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -53,16 +55,22 @@ class TaskService:
         self.image_rules = image_rules
         self.callback_rules = callback_rules
         self.limits = limits or Limits()
+        self.uploads = uploads
         self._durations: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
     def create(
-        self, key: ApiKey, request: QwenImageEditRequest, idempotency_key: str | None = None
+        self,
+        key: ApiKey,
+        request: QwenImageEditRequest,
+        idempotency_key: str | None = None,
+        base_url: str = "",
     ) -> tuple[Task, bool]:
         """A new task (or, for a repeated Idempotency-Key, the one it created) and
         whether it was replayed."""
         model = self._model(request.model)
         self._check_allowed(key, model, request)
+        image_urls = self._store_data_uris(request.image_urls, base_url)
         width, height = parse_size(request.size) if request.size else (None, None)
         now = self.clock.now()
         priority_at = now
@@ -85,7 +93,7 @@ class TaskService:
             progress=0,
             params=EditParams(
                 prompt=request.prompt,
-                image_urls=request.image_urls,
+                image_urls=image_urls,
                 callback_url=request.callback_url,
                 n=request.n,
                 seed=request.seed,
@@ -178,12 +186,36 @@ class TaskService:
         self._check_urls(request)
         ensure_prompt_fits(self.tokens.count(spec, request.prompt) if self.tokens else None)
 
+    def _store_data_uris(self, urls: list[str], base_url: str) -> list[str]:
+        """`data:` images become uploads (the task keeps a link, not megabytes)."""
+        if not any(is_data_uri(url) for url in urls):
+            return urls
+        if self.uploads is None:
+            raise InvalidRequestError(
+                "this server does not accept data: URIs; send http(s) URLs", param="image_urls"
+            )
+        uploads = self.uploads
+        return [
+            uploads.link(
+                self.public_url or base_url, uploads.save_data_uri(url, f"image_urls[{i}]")
+            )
+            if is_data_uri(url)
+            else url
+            for i, url in enumerate(urls)
+        ]
+
     def _check_urls(self, request: QwenImageEditRequest) -> None:
         """What the URLs show by themselves; their addresses are checked again when
-        the worker connects (a name may resolve anywhere)."""
-        checks = [
-            (url, f"image_urls[{i}]", self.image_rules) for i, url in enumerate(request.image_urls)
-        ]
+        the worker connects (a name may resolve anywhere). Our own upload links are
+        checked by their signature and expiry instead."""
+        checks = []
+        for i, url in enumerate(request.image_urls):
+            param = f"image_urls[{i}]"
+            if is_data_uri(url):
+                continue
+            if self.uploads is not None and self.uploads.check_link(url, param):
+                continue
+            checks.append((url, param, self.image_rules))
         if request.callback_url:
             checks.append((request.callback_url, "callback_url", self.callback_rules))
         for url, param, rules in checks:

@@ -1,0 +1,194 @@
+"""Images sent to the server itself: `POST /v1/uploads` and `data:` URIs.
+
+An upload is checked like any input image (format sniffed, size, bombs), kept
+in the result storage under `uploads/`, and answered with a signed link,
+`…/v1/uploads/<id>?expires=…&signature=…`, that `image_urls` accepts until it
+expires (one hour). Workers never fetch such a link over the network: they
+recognise its signature and read the bytes from the storage, so uploads work
+whatever the server's address and however strict the address guard is.
+Uploaded files are kept as long as results, so a task accepted with a fresh
+link still finds its image however long it waited in the queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from urllib.parse import parse_qs, quote, urlsplit
+
+from retouch.clock import Clock
+from retouch.errors import InvalidInputError, InvalidRequestError, PermissionDeniedError
+from retouch.images import decode_image, sniff_format
+from retouch.storage import UPLOADS, ResultStorage
+
+UPLOAD_LINK_SECONDS = 3600
+_ID = re.compile(r"^up_[0-9a-f]{24}$")
+_LINK_PATH = re.compile(r"/v1/uploads/(up_[0-9a-f]{24})$")
+_DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[a-z0-9=._-]+)*;base64,", re.IGNORECASE)
+_CONTENT_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "BMP": "image/bmp",
+    "WEBP": "image/webp",
+    "TIFF": "image/tiff",
+}
+
+
+@dataclass(frozen=True)
+class Upload:
+    id: str
+    expires_at: datetime
+    bytes: int
+    content_type: str
+    width: int
+    height: int
+
+
+def is_data_uri(url: str) -> bool:
+    return url[:5].lower() == "data:"
+
+
+class Uploads:
+    def __init__(
+        self,
+        storage: ResultStorage,
+        signing_key: bytes,
+        clock: Clock,
+        *,
+        max_bytes: int = 10 * 1024 * 1024,
+        link_seconds: int = UPLOAD_LINK_SECONDS,
+    ) -> None:
+        self.storage = storage
+        self._key = signing_key
+        self.clock = clock
+        self.max_bytes = max_bytes
+        self.link_seconds = link_seconds
+
+    # -- receiving ----------------------------------------------------------
+
+    def save(self, data: bytes, param: str) -> Upload:
+        """Check an image and keep it; `InvalidInputError` naming `param` if unfit."""
+        if len(data) > self.max_bytes:
+            raise InvalidInputError(
+                f"the image is {len(data):,} bytes; at most {self.max_bytes:,} are accepted",
+                param=param,
+            )
+        image = decode_image(data, param)
+        source_format = sniff_format(data) or ""
+        upload = Upload(
+            id="up_" + secrets.token_hex(12),
+            expires_at=self.clock.now() + timedelta(seconds=self.link_seconds),
+            bytes=len(data),
+            content_type=_CONTENT_TYPES.get(source_format, "application/octet-stream"),
+            width=image.width,
+            height=image.height,
+        )
+        self.storage.put_object(UPLOADS + upload.id, data, upload.content_type)
+        return upload
+
+    def save_data_uri(self, uri: str, param: str) -> Upload:
+        """A `data:image/…;base64,…` URI, decoded and kept like an upload."""
+        header = _DATA_URI.match(uri)
+        if header is None:
+            raise InvalidRequestError(
+                f"`{param}` is a data: URI but not `data:image/<type>;base64,<data>`",
+                param=param,
+            )
+        encoded = uri[header.end() :]
+        if len(encoded) > (self.max_bytes + 2) // 3 * 4 + 4:
+            raise InvalidInputError(
+                f"the image in the data: URI is over {self.max_bytes:,} bytes", param=param
+            )
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequestError(
+                f"`{param}`: the data: URI's base64 is malformed", param=param
+            ) from None
+        return self.save(data, param)
+
+    # -- links --------------------------------------------------------------
+
+    def link(self, base_url: str, upload: Upload) -> str:
+        expires = int(upload.expires_at.timestamp())
+        signature = self._sign(upload.id, expires)
+        return (
+            f"{base_url.rstrip('/')}/v1/uploads/{quote(upload.id)}"
+            f"?expires={expires}&signature={signature}"
+        )
+
+    def open_signed(self, upload_id: str, expires: int, signature: str) -> bytes:
+        """The bytes behind a link this server signed; refuses altered or expired links."""
+        self._verify(upload_id, expires, signature, check_expiry=True, param="signature")
+        return self._read(upload_id, "upload")
+
+    def check_link(self, url: str, param: str) -> bool:
+        """Whether `url` is one of our upload links; refuse it if expired or altered."""
+        parsed = self._parse(url)
+        if parsed is None:
+            return False
+        try:
+            self._verify(*parsed, check_expiry=True, param=param)
+        except PermissionDeniedError as exc:
+            raise InvalidRequestError(f"`{param}`: {exc.message}", param=param) from None
+        return True
+
+    def resolve(self, url: str, param: str) -> bytes | None:
+        """The bytes of one of our upload links (for a worker), or None if `url`
+        is not one. Its expiry was checked when the task was accepted."""
+        parsed = self._parse(url)
+        if parsed is None:
+            return None
+        upload_id, expires, signature = parsed
+        self._verify(upload_id, expires, signature, check_expiry=False, param=param)
+        return self._read(upload_id, param)
+
+    def purge(self, older_than: datetime) -> int:
+        return self.storage.purge_uploads(older_than)
+
+    def _read(self, upload_id: str, param: str) -> bytes:
+        try:
+            return self.storage.get_object(UPLOADS + upload_id)
+        except FileNotFoundError:
+            raise InvalidInputError(
+                "the uploaded image no longer exists (uploads are kept as long as results); "
+                "upload it again",
+                param=param,
+            ) from None
+
+    def _parse(self, url: str) -> tuple[str, int, str] | None:
+        parts = urlsplit(url)
+        match = _LINK_PATH.search(parts.path)
+        if parts.scheme not in ("http", "https") or match is None:
+            return None
+        query = parse_qs(parts.query)
+        expires = query.get("expires", [""])[0]
+        signature = query.get("signature", [""])[0]
+        if not expires.isdecimal() or not signature:
+            return None
+        return match[1], int(expires), signature
+
+    def _verify(
+        self, upload_id: str, expires: int, signature: str, *, check_expiry: bool, param: str
+    ) -> None:
+        if not _ID.match(upload_id) or not hmac.compare_digest(
+            self._sign(upload_id, expires), signature
+        ):
+            raise PermissionDeniedError(
+                "This upload link is invalid: its signature does not match", param=param
+            )
+        if check_expiry and self.clock.now().timestamp() >= expires:
+            raise InvalidRequestError(
+                f"`{param}`: this upload link expired; upload the image again",
+                param=param,
+            )
+
+    def _sign(self, upload_id: str, expires: int) -> str:
+        message = f"upload\n{upload_id}\n{expires}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()

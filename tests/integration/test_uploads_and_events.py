@@ -1,0 +1,175 @@
+"""Images sent to the server itself (`POST /v1/uploads`, `data:` URIs) and the
+task event stream (`GET /v1/tasks/{id}/events`), on a live server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from PIL import Image
+
+from retouch.engine.fixture import FixtureEngine
+from retouch.janitor import Janitor
+from tests.integration.conftest import Api
+from tests.integration.test_api import assert_error, create, edit, wait_status
+from tests.support import ImageHost, image_bytes, png_bytes
+
+
+def upload(
+    api: Api, data: bytes, name: str = "photo.png", key: str | None = None
+) -> httpx.Response:
+    with api.client(key) as client:
+        return client.post("/v1/uploads", files={"file": (name, data, "application/octet-stream")})
+
+
+def events(api: Api, task_id: str) -> list[dict[str, Any]]:
+    """Every `task` event of the stream, until the server ends it."""
+    seen = []
+    with api.client() as client, client.stream("GET", f"/v1/tasks/{task_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                assert kind == "task"
+                seen.append(json.loads(line.removeprefix("data: ")))
+    return seen
+
+
+def test_an_upload_is_checked_kept_and_linked(api: Api) -> None:
+    data = image_bytes(Image.new("RGB", (640, 480), (10, 200, 30)), "JPEG")
+    response = upload(api, data, "cat.jpg")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "upload" and body["id"].startswith("up_")
+    assert (body["width"], body["height"], body["bytes"]) == (640, 480, len(data))
+    assert body["content_type"] == "image/jpeg"
+    assert body["expires_at"] == int(api.clock.now().timestamp()) + 3600
+    assert body["url"].startswith(f"{api.url}/v1/uploads/{body['id']}?expires=")
+    fetched = httpx.get(body["url"])  # no key needed: the link is signed
+    assert fetched.status_code == 200 and fetched.content == data
+    assert fetched.headers["content-type"] == "image/jpeg"
+    tampered = body["url"].replace("signature=", "signature=0")
+    assert_error(httpx.get(tampered), 403, "permission_error", "signature")
+
+
+def test_uploads_refuse_what_an_input_image_may_not_be(api: Api) -> None:
+    small = upload(api, png_bytes(size=(100, 100)))
+    error = assert_error(small, 400, "invalid_request_error", "file")
+    assert "100x100" in error["message"] and "384" in error["message"]
+    assert_error(upload(api, b"hello, not an image"), 400, "invalid_request_error", "file")
+    with api.client() as client:
+        no_file = client.post("/v1/uploads", files={"other": ("a.png", png_bytes())})
+        not_multipart = client.post("/v1/uploads", content=png_bytes())
+    assert_error(no_file, 400, "invalid_request_error", "file")
+    assert_error(not_multipart, 400, "invalid_request_error", "file")
+    assert_error(upload(api, png_bytes(), key="rt_wrong"), 401, "authentication_error")
+    with httpx.Client(base_url=api.url) as anonymous:
+        missing = anonymous.post("/v1/uploads", files={"file": ("a.png", png_bytes())})
+    assert_error(missing, 401, "authentication_error")
+
+
+def test_an_uploaded_image_is_read_from_storage_not_fetched(api: Api) -> None:
+    api.start_worker(FixtureEngine(step_seconds=0.01))
+    link = upload(api, png_bytes(color=(0, 0, 255))).json()["url"]
+    # The same link on a host nobody can reach: only its path and signature matter.
+    parts = urlsplit(link)
+    unreachable = urlunsplit(parts._replace(netloc="uploads.invalid"))
+    task = create(api, edit([unreachable]))
+    done = wait_status(api, task["id"], "completed", "failed")
+    assert done["status"] == "completed", done.get("error")
+
+
+def test_expired_or_forged_upload_links_are_refused_at_submission(api: Api) -> None:
+    link = upload(api, png_bytes()).json()["url"]
+    forged = link.replace("signature=", "signature=ab")
+    with api.client() as client:
+        refused = client.post("/v1/images/generations", json=edit([forged]))
+        assert_error(refused, 400, "invalid_request_error", "image_urls[0]")
+        api.clock.advance(3600)
+        expired = client.post("/v1/images/generations", json=edit([link]))
+    error = assert_error(expired, 400, "invalid_request_error", "image_urls[0]")
+    assert "expired" in error["message"]
+
+
+def test_data_uris_become_uploads(api: Api) -> None:
+    api.start_worker(FixtureEngine(step_seconds=0.01))
+    encoded = base64.b64encode(png_bytes(size=(512, 384))).decode()
+    task = create(api, edit([f"data:image/png;base64,{encoded}"]))
+    assert wait_status(api, task["id"], "completed", "failed")["status"] == "completed"
+    stored = api.store.get_task(task["id"])
+    assert stored is not None
+    kept = stored.params.image_urls[0]
+    assert kept.startswith(f"{api.url}/v1/uploads/up_") and len(kept) < 200
+
+
+def test_bad_data_uris_are_400_naming_the_image(api: Api) -> None:
+    small = base64.b64encode(png_bytes(size=(100, 100))).decode()
+    good = f"data:image/png;base64,{base64.b64encode(png_bytes()).decode()}"
+    cases = [
+        ("data:image/png;base64,%%%not-base64", "malformed"),
+        ("data:text/plain,hello", "data:image/<type>;base64"),
+        (f"data:image/png;base64,{small}", "100x100"),
+    ]
+    with api.client() as client:
+        for uri, reason in cases:
+            response = client.post("/v1/images/generations", json=edit([good, uri]))
+            error = assert_error(response, 400, "invalid_request_error", "image_urls[1]")
+            assert reason in error["message"]
+    assert api.store.usage(api.store.list_keys()[0].account_id).tasks["pending"] == 0
+
+
+def test_the_event_stream_follows_a_task_to_its_end(api: Api, image_host: ImageHost) -> None:
+    api.start_worker(FixtureEngine(step_seconds=0.05, steps=8))
+    task = create(api, edit([image_host.add("/a.png", png_bytes())]))
+    seen = events(api, task["id"])
+    assert seen[0]["id"] == task["id"]
+    progress = [event["progress"] for event in seen]
+    assert progress == sorted(progress) and len(set(progress)) >= 3
+    final = seen[-1]
+    assert final["status"] == "completed" and len(final["results"]) == 1
+    assert [event["status"] for event in seen[:-1]].count("completed") == 0
+
+
+def test_the_event_stream_of_a_finished_task_is_one_event(api: Api) -> None:
+    task = create(api, edit(["https://example.com/a.png"]))
+    with api.client() as client:
+        client.post(f"/v1/tasks/{task['id']}/cancel")
+    assert [event["status"] for event in events(api, task["id"])] == ["cancelled"]
+
+
+def test_the_event_stream_is_only_for_the_tasks_owner(api: Api) -> None:
+    task = create(api, edit(["https://example.com/a.png"]))
+    _key, other = api.store.create_key("mallory")
+    with api.client(other) as client:
+        assert_error(
+            client.get(f"/v1/tasks/{task['id']}/events"), 404, "not_found_error", "task_id"
+        )
+    with api.client() as client:
+        assert_error(
+            client.get("/v1/tasks/task-unified-1-abcdefgh/events"),
+            404,
+            "not_found_error",
+            "task_id",
+        )
+
+
+def test_the_janitor_deletes_uploads_as_old_as_results(api: Api) -> None:
+    body = upload(api, png_bytes()).json()
+    janitor = Janitor(
+        api.store, api.storage, max_attempts=2, interval_seconds=60, upload_ttl_seconds=86400
+    )
+    assert janitor.purge_uploads() == 0
+    api.clock.advance(86400 + 1)
+    path = api.storage.root / "uploads" / body["id"]
+    # Files carry the real time; age this one as the fake clock says.
+    stamp = api.clock.now().timestamp() - 86400 - 2
+    os.utime(path, (stamp, stamp))
+    assert janitor.purge_uploads() == 1
+    assert not path.exists()
