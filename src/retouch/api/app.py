@@ -12,6 +12,7 @@ from retouch.api.admin import router as admin_router
 from retouch.api.auth import SECURITY_SCHEMES
 from retouch.api.errors import install_error_handlers
 from retouch.api.limits import BodySizeLimit
+from retouch.api.playground import router as playground_router
 from retouch.api.routes import router
 from retouch.api.schemas import QwenImageEditRequest
 from retouch.api.service import TaskService
@@ -49,6 +50,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(playground_router)
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     def openapi() -> dict[str, Any]:
