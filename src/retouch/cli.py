@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 
 from retouch import __version__
 from retouch.accounts import Account, UserGroup
+from retouch.edit_cli import edit, tasks
 from retouch.settings import Settings
 
 if typing.TYPE_CHECKING:
@@ -84,6 +85,10 @@ _store_options = settings_options("data_dir", "database_url")
 @click.version_option(__version__, prog_name="retouch")
 def main() -> None:
     """Retouch: a self-hostable server for the qwen-image-edit async task API."""
+
+
+main.add_command(edit)
+main.add_command(tasks)
 
 
 @main.command()

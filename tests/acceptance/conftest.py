@@ -1,20 +1,33 @@
-"""Every `retouch serve` an acceptance test ran must leave a consistent ledger."""
+"""Every `retouch serve` an acceptance test ran must leave a consistent ledger:
+checked after each test for the servers it started, and after each module for
+all of them (servers a whole module shares are checked once they have stopped)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.support import ServeProcess, retouch_cli
 
 
-@pytest.fixture(autouse=True)
-def ledger_stays_consistent() -> Iterator[None]:
+def _check(data_dirs: Iterable[Path]) -> None:
+    for data_dir in sorted(data_dirs):
+        result = retouch_cli("ledger", "check", "--data-dir", str(data_dir), check=False)
+        report = result.stdout + result.stderr
+        assert result.returncode == 0, f"ledger check of {data_dir}:\n{report}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def ledger_consistent_after_the_module() -> Iterator[None]:
     ServeProcess.served_data_dirs.clear()
     yield
-    for data_dir in sorted(ServeProcess.served_data_dirs):
-        result = retouch_cli("ledger", "check", "--data-dir", str(data_dir), check=False)
-        assert result.returncode == 0, (
-            f"ledger check of {data_dir}:\n{result.stdout}{result.stderr}"
-        )
+    _check(ServeProcess.served_data_dirs)
+
+
+@pytest.fixture(autouse=True)
+def ledger_consistent_after_each_test() -> Iterator[None]:
+    before = set(ServeProcess.served_data_dirs)
+    yield
+    _check(ServeProcess.served_data_dirs - before)
