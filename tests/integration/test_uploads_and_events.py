@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -173,3 +174,29 @@ def test_the_janitor_deletes_uploads_as_old_as_results(api: Api) -> None:
     os.utime(path, (stamp, stamp))
     assert janitor.purge_uploads() == 1
     assert not path.exists()
+
+
+def test_slow_event_readers_do_not_hold_up_the_server(api: Api, image_host: ImageHost) -> None:
+    """Followers that never read their stream cost the server nothing but their
+    connection: polls, creates and other streams go on at full speed."""
+    api.start_worker(FixtureEngine(step_seconds=0.05, steps=20))
+    task = create(api, edit([image_host.add("/a.png", png_bytes())]))
+    stalled = [httpx.Client(base_url=api.url, headers=api.client().headers) for _ in range(20)]
+    streams = [
+        client.stream("GET", f"/v1/tasks/{task['id']}/events").__enter__() for client in stalled
+    ]
+    try:
+        assert all(stream.status_code == 200 for stream in streams)
+        with api.client() as client:
+            started = time.perf_counter()
+            for _ in range(20):
+                assert client.get(f"/v1/tasks/{task['id']}").status_code == 200
+            polls = time.perf_counter() - started
+            other = create(api, edit([image_host.add("/b.png", png_bytes())]))
+        assert polls < 2.0, f"20 polls took {polls:.2f} s beside 20 stalled streams"
+        # A reader that does read still sees its task through to the end.
+        assert events(api, other["id"])[-1]["status"] == "completed"
+    finally:
+        for stream, client in zip(streams, stalled, strict=True):
+            stream.close()
+            client.close()
