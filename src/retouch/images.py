@@ -25,6 +25,14 @@ def decode_image(data: bytes, param: str) -> Image.Image:
     """An RGB image, upright per its EXIF orientation, or `InvalidInputError` naming `param`."""
     if not data:
         raise InvalidInputError("the image is empty (0 bytes were downloaded)", param=param)
+    with warnings.catch_warnings():
+        # Pillow warns about damaged metadata ("Corrupt EXIF data") and reads on: so do
+        # we, and the pixels decide. Bombs are errors (below), never warnings.
+        warnings.simplefilter("ignore", UserWarning)
+        return _decode(data, param)
+
+
+def _decode(data: bytes, param: str) -> Image.Image:
     image = _open(data, param)
     width, height = image.size
     if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
