@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +24,9 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 from sqlalchemy import create_engine, text
+
+from retouch.keys import ApiKey
+from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -258,3 +262,28 @@ def postgres_schema(base_url: str) -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def pending_task(
+    key: ApiKey,
+    now: datetime,
+    params: EditParams,
+    credits: float,
+    *,
+    model: str = "qwen-image-edit",
+    priority_at: datetime | None = None,
+) -> Task:
+    """A new pending task of `key`, as the API builds one before handing it to the store."""
+    return Task(
+        id=new_task_id(int(now.timestamp())),
+        key_id=key.id,
+        account_id=key.account_id,
+        model=model,
+        status=TaskStatus.PENDING,
+        progress=0,
+        params=params,
+        created_at=now,
+        priority_at=priority_at,
+        user_group=key.user_group,
+        credits_reserved=credits,
+    )

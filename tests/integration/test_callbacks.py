@@ -28,8 +28,9 @@ from retouch.netguard import AddressGuard
 from retouch.storage import LocalResultStorage
 from retouch.store import Store
 from retouch.store.schema import callback_deliveries
-from retouch.tasks import EditParams, Task, TaskError, TaskStatus, new_task_id
+from retouch.tasks import EditParams, Task, TaskError, TaskStatus
 from tests.integration.conftest import SPEC
+from tests.support import pending_task
 
 SIGNING_KEY = b"server-signing-key"
 
@@ -126,18 +127,8 @@ def dispatcher(
 
 def finished_task(store: Store, key: ApiKey, url: str, outcome: str = "completed") -> Task:
     now = store.clock.now()
-    task = Task(
-        id=new_task_id(int(now.timestamp())),
-        key_id=key.id,
-        account_id=key.account_id,
-        model=SPEC.name,
-        status=TaskStatus.PENDING,
-        progress=0,
-        params=EditParams(prompt="edit", image_urls=["https://a.test/a.png"], callback_url=url),
-        created_at=now,
-        user_group="default",
-        credits_reserved=1.0,
-    )
+    params = EditParams(prompt="edit", image_urls=["https://a.test/a.png"], callback_url=url)
+    task = pending_task(key, now, params, credits=1.0, model=SPEC.name)
     store.create_task(task)
     if outcome == "cancelled":
         store.request_cancel(task.id, key.id)

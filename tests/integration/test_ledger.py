@@ -29,7 +29,8 @@ from retouch.keys import ApiKey
 from retouch.store import Store, create_db_engine
 from retouch.store.migrate import alembic_config, migrate
 from retouch.store.schema import metadata
-from retouch.tasks import EditParams, Task, TaskError, TaskStatus, new_task_id
+from retouch.tasks import EditParams, Task, TaskError
+from tests.support import pending_task
 
 LEASE = 30.0
 PRICE = 1.5
@@ -44,19 +45,9 @@ def submit(
     admission: Admission | None = None,
 ) -> Task:
     now = store.clock.now()
-    task = Task(
-        id=new_task_id(int(now.timestamp())),
-        key_id=key.id,
-        account_id=key.account_id,
-        model="qwen-image-edit",
-        status=TaskStatus.PENDING,
-        progress=0,
-        params=EditParams(prompt="edit", image_urls=["https://example.com/a.png"], n=n),
-        created_at=now,
-        priority_at=now - timedelta(seconds=vip_head_start),
-        user_group=key.user_group,
-        credits_reserved=PRICE * n,
-    )
+    params = EditParams(prompt="edit", image_urls=["https://example.com/a.png"], n=n)
+    head_start = now - timedelta(seconds=vip_head_start)
+    task = pending_task(key, now, params, credits=PRICE * n, priority_at=head_start)
     return store.create_task(task, admission)[0]
 
 

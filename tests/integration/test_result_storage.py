@@ -29,12 +29,12 @@ from retouch.models import ModelSpec
 from retouch.s3storage import MAX_LINK_SECONDS, S3ResultStorage
 from retouch.storage import LocalResultStorage, ResultStorage, open_storage
 from retouch.store import Store, create_db_engine, migrate
-from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
+from retouch.tasks import EditParams, Task
 from tests.seaweed import (
     SeaweedS3,
     seaweedfs_fixture,  # noqa: F401  (the `seaweedfs` fixture)
 )
-from tests.support import LiveServer, free_port, png_bytes
+from tests.support import LiveServer, free_port, pending_task, png_bytes
 
 TASK = "task-unified-1767225600-abcd1234"
 PREFIX = "retouch/results"
@@ -241,18 +241,8 @@ def completed_task(
     store: Store, key: ApiKey, storage: ResultStorage, results: int, ttl_seconds: float
 ) -> Task:
     now = store.clock.now()
-    task = Task(
-        id=new_task_id(int(now.timestamp())),
-        key_id=key.id,
-        account_id=key.account_id,
-        model=SPEC.name,
-        status=TaskStatus.PENDING,
-        progress=0,
-        params=EditParams(prompt="edit", image_urls=["https://example.com/a.png"], n=results),
-        created_at=now,
-        user_group=key.user_group,
-        credits_reserved=float(results),
-    )
+    params = EditParams(prompt="edit", image_urls=["https://example.com/a.png"], n=results)
+    task = pending_task(key, now, params, credits=float(results), model=SPEC.name)
     store.create_task(task)
     assert store.claim_next("w1", 30.0) is not None
     keys = [storage.put(task.id, index, PNG) for index in range(results)]

@@ -12,25 +12,16 @@ from retouch.clock import FakeClock
 from retouch.errors import ConflictError, NotFoundError
 from retouch.keys import ApiKey
 from retouch.store import Store, migrate
-from retouch.tasks import EditParams, Task, TaskError, TaskStatus, new_task_id
+from retouch.tasks import EditParams, Task, TaskError, TaskStatus
+from tests.support import pending_task
 
 LEASE = 30.0
 
 
 def make_task(store: Store, key: ApiKey, offset_seconds: float = 0.0) -> Task:
     now = store.clock.now() + timedelta(seconds=offset_seconds)
-    task = Task(
-        id=new_task_id(int(now.timestamp())),
-        key_id=key.id,
-        account_id=key.account_id,
-        model="qwen-image-edit",
-        status=TaskStatus.PENDING,
-        progress=0,
-        params=EditParams(prompt="edit", image_urls=["https://example.com/a.png"], n=2, seed=7),
-        created_at=now,
-        user_group=key.user_group,
-        credits_reserved=2.0,
-    )
+    params = EditParams(prompt="edit", image_urls=["https://example.com/a.png"], n=2, seed=7)
+    task = pending_task(key, now, params, credits=2.0)
     return store.create_task(task)[0]
 
 

@@ -19,12 +19,12 @@ from retouch.fetch import ImageFetcher
 from retouch.keys import ApiKey
 from retouch.store import Store, create_db_engine, migrate
 from retouch.store.notify import Wakeups, announce_task
-from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
+from retouch.tasks import EditParams, Task, TaskStatus
 from retouch.worker import LoadedModel, Worker, WorkerConfig
 from tests.conftest import BACKENDS, POSTGRES_URL
 from tests.integration.conftest import SPEC, Api
 from tests.integration.test_api import create, edit
-from tests.support import ImageHost, free_port, png_bytes, wait_for
+from tests.support import ImageHost, free_port, pending_task, png_bytes, wait_for
 
 
 def stored(store: Store, task_id: str) -> Task:
@@ -162,18 +162,8 @@ def test_a_hard_stop_hands_back_the_running_and_the_prefetched_task_at_once(
 
 def make_task(store: Store, key: ApiKey) -> Task:
     now = store.clock.now()
-    task = Task(
-        id=new_task_id(int(now.timestamp())),
-        key_id=key.id,
-        account_id=key.account_id,
-        model=SPEC.name,
-        status=TaskStatus.PENDING,
-        progress=0,
-        params=EditParams(prompt="edit", image_urls=["https://example.com/a.png"]),
-        created_at=now,
-        user_group=key.user_group,
-        credits_reserved=1.5,
-    )
+    params = EditParams(prompt="edit", image_urls=["https://example.com/a.png"])
+    task = pending_task(key, now, params, credits=1.5, model=SPEC.name)
     return store.create_task(task)[0]
 
 
