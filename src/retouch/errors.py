@@ -126,3 +126,10 @@ class InvalidInputError(InvalidRequestError):
 
 class ModelLoadError(Exception):
     """A checkpoint could not be loaded; the message is one sentence for the operator."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one short line for a client or a probe ("" when it
+    has none), never a traceback."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else ""

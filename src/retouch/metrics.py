@@ -23,6 +23,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from retouch.errors import first_line
+
 if TYPE_CHECKING:
     from retouch.storage import ResultStorage
     from retouch.store import Store
@@ -104,9 +106,9 @@ def readiness_problems(store: Store, storage: ResultStorage) -> list[str]:
     try:
         store.ping()
     except Exception as exc:
-        problems.append(f"database: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        problems.append(f"database: {type(exc).__name__}: {first_line(exc, 200)}")
     try:
         storage.check()
     except Exception as exc:
-        problems.append(f"storage: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        problems.append(f"storage: {type(exc).__name__}: {first_line(exc, 200)}")
     return problems

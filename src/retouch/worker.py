@@ -27,7 +27,7 @@ from PIL import Image
 
 from retouch.clock import Clock, SystemClock
 from retouch.engine.base import EditJob, Engine, Interrupted
-from retouch.errors import InvalidInputError
+from retouch.errors import InvalidInputError, first_line
 from retouch.fetch import ImageFetcher
 from retouch.images import decode_image, encode_png
 from retouch.logs import context
@@ -314,11 +314,11 @@ class _TaskRun:
             log.exception("task %s: storing the results failed", self.task.id)
             with contextlib.suppress(Exception):
                 worker.storage.delete(keys)
-            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             error = TaskError(
                 code=500,
                 type="internal_server_error",
-                message=f"storing the result images failed: {type(exc).__name__}: {detail}",
+                message=f"storing the result images failed: {type(exc).__name__}: "
+                f"{first_line(exc)}",
             )
             if self.store.fail(self.task.id, worker.worker_id, error):
                 TASKS_FINISHED.labels("failed").inc()
@@ -347,7 +347,7 @@ class _TaskRun:
 
 def engine_error(exc: BaseException) -> TaskError:
     """What a client sees when the engine fails: the cause, never a traceback."""
-    detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    detail = first_line(exc) or type(exc).__name__
     if "out of memory" in detail.lower():
         message = (
             f"the GPU ran out of memory while editing ({detail}); "

@@ -66,3 +66,13 @@ def test_error_body_omits_unknown_fields() -> None:
     assert errors.NotFoundError().body() == {
         "error": {"code": 404, "message": "Resource not found", "type": "not_found_error"}
     }
+
+
+def test_first_line_is_one_short_line_or_nothing() -> None:
+    from retouch.errors import first_line
+
+    assert first_line(OSError()) == ""  # an empty message no longer breaks /readyz
+    assert (
+        first_line(ValueError("  bad input\n  Traceback (most recent call last):")) == "bad input"
+    )
+    assert first_line(RuntimeError("x" * 500), 200) == "x" * 200
