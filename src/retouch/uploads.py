@@ -50,6 +50,11 @@ class Upload:
     height: int
 
 
+def content_type(data: bytes) -> str:
+    """The media type of an accepted image, from its first bytes."""
+    return _CONTENT_TYPES.get(sniff_format(data) or "", "application/octet-stream")
+
+
 def is_data_uri(url: str) -> bool:
     return url[:5].lower() == "data:"
 
@@ -80,12 +85,11 @@ class Uploads:
                 param=param,
             )
         image = decode_image(data, param)
-        source_format = sniff_format(data) or ""
         upload = Upload(
             id="up_" + secrets.token_hex(12),
             expires_at=self.clock.now() + timedelta(seconds=self.link_seconds),
             bytes=len(data),
-            content_type=_CONTENT_TYPES.get(source_format, "application/octet-stream"),
+            content_type=content_type(data),
             width=image.width,
             height=image.height,
         )

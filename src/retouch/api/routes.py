@@ -35,10 +35,10 @@ from retouch.api.schemas import (
 )
 from retouch.api.service import TaskService
 from retouch.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
-from retouch.images import sniff_format
 from retouch.keys import ApiKey
 from retouch.metrics import readiness_problems, render_latest
 from retouch.tasks import Task
+from retouch.uploads import content_type
 
 router = APIRouter()
 SSE_POLL_SECONDS = 0.25
@@ -379,10 +379,7 @@ async def download_upload(upload_id: str, request: Request) -> Response:
             param="signature",
         )
     data = await run_in_threadpool(uploads.open_signed, upload_id, int(expires), signature)
-    media_type = f"image/{(sniff_format(data) or 'octet-stream').lower()}".replace(
-        "image/octet-stream", "application/octet-stream"
-    )
-    return Response(data, media_type=media_type, headers={"Cache-Control": "private"})
+    return Response(data, media_type=content_type(data), headers={"Cache-Control": "private"})
 
 
 @router.get(
