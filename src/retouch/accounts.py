@@ -21,6 +21,8 @@ DEFAULT_CREDITS = 100.0
 # Far below what a 64-bit count of thousandths holds, so no sum of entries overflows.
 MAX_CREDITS = 1e12
 MAX_BALANCE_UNITS = 2**62
+# An account's own rate or concurrency limit: far beyond any real one, within 32 bits.
+MAX_ACCOUNT_LIMIT = 1_000_000
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 

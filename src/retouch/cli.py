@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from retouch import __version__
-from retouch.accounts import Account, UserGroup
+from retouch.accounts import MAX_ACCOUNT_LIMIT, Account, UserGroup
 from retouch.edit_cli import edit, tasks
 from retouch.settings import Settings
 
@@ -292,8 +292,8 @@ def _print_account(account: Account, settings: Settings) -> None:
 def _limit(value: str) -> int | None:
     if value == "default":
         return None
-    if not value.isdecimal() or int(value) < 1:
-        raise click.BadParameter("a whole number of at least 1, or `default`")
+    if not value.isdecimal() or not 1 <= int(value) <= MAX_ACCOUNT_LIMIT:
+        raise click.BadParameter(f"a whole number from 1 to {MAX_ACCOUNT_LIMIT}, or `default`")
     return int(value)
 
 

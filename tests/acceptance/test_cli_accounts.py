@@ -148,6 +148,7 @@ def test_amounts_the_ledger_cannot_hold_are_refused_in_one_line(tmp_path: Path) 
         ("credits", "grant", "alice", "1e16"),
         ("credits", "grant", "alice", "inf"),
         ("accounts", "update", "alice", "--rate", "²"),
+        ("accounts", "update", "alice", "--concurrency", "1000001"),
     ]
     for args in refusals:
         result = cli(data, *args, check=False)

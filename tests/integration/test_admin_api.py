@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import event, text
 from starlette.testclient import TestClient
 
 from retouch.api.admin import AdminService
@@ -111,6 +111,30 @@ def test_every_admin_route_answers_401_without_the_admin_token(api: Api) -> None
         assert [key["name"] for key in ok(admin.get(f"{ADMIN}/keys"))["data"]] == ["alice"]
     # And the admin token is no user key.
     assert_error(usage(api, ADMIN_TOKEN), 401, "authentication_error")
+
+
+def test_a_flood_of_failing_tokens_costs_no_database_work(api: Api) -> None:
+    """A wrong admin token is refused by a constant-time comparison before any body is
+    read or any statement runs: a flood of them cannot load the database (per-address
+    rate limits are the proxy's, see docs/security.md)."""
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(str(args[2]))
+
+    event.listen(api.store.engine, "before_cursor_execute", count)
+    try:
+        with httpx.Client(base_url=api.url, timeout=10) as client:
+            for attempt in range(40):
+                token = f"{ADMIN_TOKEN[:-1]}{attempt % 10}" if attempt % 2 else "x" * (attempt + 1)
+                for method, path, body in ADMIN_ROUTES:
+                    response = client.request(
+                        method, path, json=body, headers={"Authorization": f"Bearer {token}"}
+                    )
+                    assert response.status_code == 401
+    finally:
+        event.remove(api.store.engine, "before_cursor_execute", count)
+    assert statements == []
 
 
 def test_without_an_admin_token_the_admin_api_is_off(
@@ -282,6 +306,12 @@ def test_patch_changes_the_group_and_limits_and_null_resets_an_override(api: Api
             ({"user_group": "gold"}, "user_group"),
             ({"credits": 5}, "credits"),  # credits are granted, not patched
             ({"name": "caroline"}, "name"),
+            # Types are not guessed at: `true` is no number, "5" no integer.
+            ({"max_concurrent_tasks": True}, "max_concurrent_tasks"),
+            ({"requests_per_minute": "5"}, "requests_per_minute"),
+            # Beyond what a limit column holds: 400, not 500.
+            ({"requests_per_minute": 10**21}, "requests_per_minute"),
+            ({"max_concurrent_tasks": 1_000_001}, "max_concurrent_tasks"),
         ]
         for body, param in refusals:
             response = admin.patch(f"{ADMIN}/accounts/carol", json=body)
@@ -540,6 +570,23 @@ def test_openapi_documents_the_admin_routes_with_the_admin_token(api: Api) -> No
         assert operation["security"] == [{"adminToken": []}], (method, path)
         assert operation["tags"] == ["Admin"]
         assert {"401", "403"} <= set(operation["responses"]) and "422" not in operation["responses"]
+    # Every body is documented, required, and described by a schema in the components.
+    schemas = spec["components"]["schemas"]
+    for method, path, body in ADMIN_ROUTES:
+        path = re.sub(r"/alice\b", "/{account}", re.sub(r"/key_0+", "/{key_id}", path))
+        operation = spec["paths"][path][method.lower()]
+        if body is None:
+            assert "requestBody" not in operation, (method, path)
+            continue
+        request_body = operation["requestBody"]
+        assert request_body["required"] is True
+        ref = request_body["content"]["application/json"]["schema"]["$ref"]
+        schema = schemas[ref.rsplit("/", 1)[1]]
+        assert set(body) <= set(schema["properties"]), (method, path)
+        assert schema["additionalProperties"] is False
+    ledger = spec["paths"][f"{ADMIN}/accounts/{{account}}/ledger"]["get"]
+    assert [p["name"] for p in ledger["parameters"]] == ["account", "limit"]
+    assert "400" in ledger["responses"]
 
 
 # -- refusals that must not be 500 ------------------------------------------------------
@@ -581,6 +628,33 @@ def test_amounts_beyond_the_ledgers_range_are_400_not_500(api: Api) -> None:
             assert_error(created, 400, "invalid_request_error", "credits")
         assert ok(admin.get(f"{ADMIN}/accounts/alice"))["credits"] == credits(100.0)
         assert_error(admin.get(f"{ADMIN}/accounts/rich"), 404, "not_found_error", "account")
+
+
+def test_admin_bodies_refuse_coerced_types_and_limits_beyond_range(api: Api) -> None:
+    with in_process_admin(api) as admin:
+        for body, param in [
+            ({"credits": False}, "credits"),
+            ({"credits": "5"}, "credits"),
+        ]:
+            granted = admin.post(f"{ADMIN}/accounts/alice/credits", json=body)
+            assert_error(granted, 400, "invalid_request_error", param)
+        for body, param in [
+            ({"name": "x", "requests_per_minute": 3 * 10**24}, "requests_per_minute"),
+            ({"name": "x", "max_concurrent_tasks": 2165218889210}, "max_concurrent_tasks"),
+            ({"name": "x", "credits": True}, "credits"),
+        ]:
+            created = admin.post(f"{ADMIN}/accounts", json=body)
+            assert_error(created, 400, "invalid_request_error", param)
+        edge = ok(
+            admin.post(
+                f"{ADMIN}/accounts",
+                json={"name": "edge", "requests_per_minute": 1_000_000, "max_concurrent_tasks": 1},
+            ),
+            201,
+        )
+        assert edge["limits"] == limits(1_000_000, 1)
+        assert ok(admin.get(f"{ADMIN}/accounts/alice"))["credits"] == credits(100.0)
+        assert_error(admin.get(f"{ADMIN}/accounts/x"), 404, "not_found_error", "account")
 
 
 def test_a_ledger_limit_that_only_looks_like_digits_is_400_not_500(api: Api) -> None:

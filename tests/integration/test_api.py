@@ -371,6 +371,32 @@ def test_unknown_route_and_wrong_method(api: Api) -> None:
     assert wrong.headers["allow"] == "POST"
 
 
+def test_a_wrong_method_names_every_method_the_path_serves(api: Api) -> None:
+    """A path served by one route per method: `Allow` lists them all (Starlette alone
+    names only the first route's)."""
+    with api.client() as client:
+        for method, path, allowed in [
+            ("TRACE", "/admin/v1/accounts", "GET, POST"),
+            ("DELETE", "/admin/v1/accounts/alice", "GET, PATCH"),
+            ("PUT", "/v1/tasks/task-unified-1-abcdefgh", "GET"),
+            ("GET", "/v1/uploads", "POST"),
+        ]:
+            answer = client.request(method, path)
+            error = assert_error(answer, 405, "invalid_request_error")
+            assert answer.headers["allow"] == allowed, (method, path)
+            assert error["message"].endswith(f"allowed: {allowed}")
+
+
+def test_create_answers_where_the_task_is(api: Api) -> None:
+    with api.client() as client:
+        body = edit(["https://example.com/a.png"])
+        first = client.post(GENERATIONS, json=body, headers={"Idempotency-Key": "k-1"})
+        again = client.post(GENERATIONS, json=body, headers={"Idempotency-Key": "k-1"})
+        task_id = first.json()["id"]
+        assert first.headers["location"] == again.headers["location"] == f"/v1/tasks/{task_id}"
+        assert client.get(first.headers["location"]).json()["id"] == task_id
+
+
 def test_internal_errors_are_500_without_a_traceback(api: Api) -> None:
     with api.store.engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE tasks RENAME TO hidden_tasks")
@@ -417,6 +443,18 @@ def test_openapi_uses_the_seed_names_and_documents_extensions(api: Api) -> None:
     assert spec["paths"]["/v1/tasks/{task_id}"]["get"]["operationId"] == "getTaskDetail"
     assert "/v1/tasks/{task_id}/cancel" in spec["paths"]
     assert "bearerAuth" in spec["components"]["securitySchemes"]
+    # What API tools need to generate valid requests and to follow a created task.
+    request = schemas["QwenImageEditRequest"]["properties"]
+    assert request["model"]["enum"] == sorted(api.service.models)
+    assert request["prompt_extend"]["const"] is False and request["watermark"]["const"] is False
+    assert request["image_urls"]["items"]["format"] == "uri"
+    assert request["callback_url"]["anyOf"][0]["format"] == "uri"
+    created = create_op["responses"]["200"]
+    assert "Location" in created["headers"]
+    assert {link["operationId"]: link["parameters"] for link in created["links"].values()} == {
+        operation: {"task_id": "$response.body#/id"}
+        for operation in ("getTaskDetail", "cancelTask", "streamTaskEvents", "redeliverCallback")
+    }
 
 
 # -- models ---------------------------------------------------------------

@@ -64,6 +64,40 @@ def test_image_urls_must_be_http(url: str) -> None:
     assert message.startswith("image_urls[1] ")
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://bücher.example/a.png",  # an IDN host: write it as xn--…
+        "https://example.com/a b.png",
+        "https://example.com/\u00e9.png",
+        "https://example.com/%zz.png",
+        "httpS://\u0080",
+        "https://example.com/a.png\n",
+    ],
+)
+def test_urls_must_be_uris(url: str) -> None:
+    """RFC 3986 characters only, as the seed's `format: uri` says: a URL with spaces,
+    raw non-ASCII or broken escapes is refused at once, not fetched or called back."""
+    for field, param in [("image_urls", "image_urls[0]"), ("callback_url", "callback_url")]:
+        value: Any = [url] if field == "image_urls" else url.replace("http://", "https://")
+        got, message = problem(body(**{field: value}))
+        assert got == param and "is not a URI" in message and "percent-encode" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://xn--bcher-kva.example/a%20b.png?size=1&v=%C3%A9#top",
+        "http://[2001:db8::1]:8080/a.png",
+        "https://example.com/~user/a_(1).png;v=2",
+    ],
+)
+def test_uris_with_escapes_and_every_allowed_character_pass(url: str) -> None:
+    assert QwenImageEditRequest.model_validate(body(image_urls=[url])).image_urls == [url]
+    callback = url.replace("http://", "https://")
+    assert QwenImageEditRequest.model_validate(body(callback_url=callback)).callback_url == callback
+
+
 def test_image_url_must_be_a_string() -> None:
     param, _ = problem(body(image_urls=[URL, 5]))
     assert param == "image_urls[1]"

@@ -15,7 +15,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from retouch.accounts import DEFAULT_CREDITS, Account, LedgerEntry, Limits, UserGroup
+from retouch.accounts import (
+    DEFAULT_CREDITS,
+    MAX_ACCOUNT_LIMIT,
+    MAX_CREDITS,
+    Account,
+    LedgerEntry,
+    Limits,
+    UserGroup,
+)
 from retouch.api.routes import _errors, json_body
 from retouch.callbacks import webhook_secret
 from retouch.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
@@ -134,16 +142,19 @@ def render_entry(entry: LedgerEntry) -> dict[str, Any]:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """An admin request body: unknown fields and coerced types (`true` for a number,
+    `"5"` for an integer) are refused, not guessed at."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class NewAccount(_Body):
     name: str = Field(min_length=1, max_length=200)
     user_group: UserGroup = "default"
-    credits: float | None = Field(default=None, ge=0)
+    credits: float | None = Field(default=None, ge=0, le=MAX_CREDITS)
     allowed_models: list[str] | None = None
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    max_concurrent_tasks: int | None = Field(default=None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=MAX_ACCOUNT_LIMIT)
+    max_concurrent_tasks: int | None = Field(default=None, ge=1, le=MAX_ACCOUNT_LIMIT)
 
 
 class AccountChange(_Body):
@@ -151,12 +162,14 @@ class AccountChange(_Body):
 
     user_group: UserGroup | None = None
     allowed_models: list[str] | None = None
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    max_concurrent_tasks: int | None = Field(default=None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=MAX_ACCOUNT_LIMIT)
+    max_concurrent_tasks: int | None = Field(default=None, ge=1, le=MAX_ACCOUNT_LIMIT)
 
 
 class Grant(_Body):
-    credits: float = Field(description="Credits to add (negative: to take back).")
+    credits: float = Field(
+        ge=-MAX_CREDITS, le=MAX_CREDITS, description="Credits to add (negative: to take back)."
+    )
     note: str | None = Field(default=None, max_length=500)
 
 
@@ -166,7 +179,7 @@ class NewKey(_Body):
         default=None, description="Id or name of the account; default: a new account."
     )
     user_group: UserGroup = "default"
-    credits: float | None = Field(default=None, ge=0)
+    credits: float | None = Field(default=None, ge=0, le=MAX_CREDITS)
 
 
 def _admin(request: Request) -> AdminService:
@@ -190,6 +203,26 @@ async def _body(request: Request, model: type[T]) -> T:
 _SECURED = {"security": ADMIN_SECURITY}
 _READ_ERRORS = _errors(401, 403, 404)
 _WRITE_ERRORS = _errors(400, 401, 403, 404, 409)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (NewAccount, AccountChange, Grant, NewKey)
+
+
+def _with_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI of an admin operation that reads `model` as its JSON body (parsed
+    by `_body`, after the token check; the schema is in the document's components)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {
+        **_SECURED,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+    }
+
+
+def _with_query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI of an admin operation with one optional query parameter."""
+    parameter = {
+        "name": name, "in": "query", "required": False, "description": description,
+        "schema": schema,
+    }  # fmt: skip
+    return {**_SECURED, "parameters": [parameter]}
 
 
 @router.get("/accounts", summary="List accounts", responses=_READ_ERRORS, openapi_extra=_SECURED)
@@ -206,7 +239,7 @@ async def list_accounts(request: Request) -> JSONResponse:
     summary="Create an account",
     status_code=201,
     responses=_WRITE_ERRORS,
-    openapi_extra=_SECURED,
+    openapi_extra=_with_body(NewAccount),
 )
 async def create_account(request: Request) -> JSONResponse:
     body = await _body(request, NewAccount)
@@ -243,7 +276,7 @@ async def get_account(account: str, request: Request) -> JSONResponse:
     "/accounts/{account}",
     summary="Change an account's group, models or limits",
     responses=_WRITE_ERRORS,
-    openapi_extra=_SECURED,
+    openapi_extra=_with_body(AccountChange),
 )
 async def update_account(account: str, request: Request) -> JSONResponse:
     body = await _body(request, AccountChange)
@@ -262,7 +295,7 @@ async def update_account(account: str, request: Request) -> JSONResponse:
     "/accounts/{account}/credits",
     summary="Grant (or take back) credits",
     responses=_WRITE_ERRORS,
-    openapi_extra=_SECURED,
+    openapi_extra=_with_body(Grant),
 )
 async def grant_credits(account: str, request: Request) -> JSONResponse:
     body = await _body(request, Grant)
@@ -277,8 +310,12 @@ async def grant_credits(account: str, request: Request) -> JSONResponse:
 @router.get(
     "/accounts/{account}/ledger",
     summary="An account's ledger, newest first",
-    responses=_READ_ERRORS,
-    openapi_extra=_SECURED,
+    responses=_errors(400, 401, 403, 404),
+    openapi_extra=_with_query(
+        "limit",
+        "Entries to return, newest first.",
+        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    ),
 )
 async def account_ledger(account: str, request: Request) -> JSONResponse:
     limit = request.query_params.get("limit", "100")
@@ -296,7 +333,9 @@ async def account_ledger(account: str, request: Request) -> JSONResponse:
     "/keys",
     summary="List keys (never their secrets)",
     responses=_READ_ERRORS,
-    openapi_extra=_SECURED,
+    openapi_extra=_with_query(
+        "account", "Only the keys of this account (id or name).", {"type": "string"}
+    ),
 )
 async def list_keys(request: Request) -> JSONResponse:
     account = request.query_params.get("account")
@@ -313,7 +352,7 @@ async def list_keys(request: Request) -> JSONResponse:
     summary="Create a key; its secret is in this answer only",
     status_code=201,
     responses=_WRITE_ERRORS,
-    openapi_extra=_SECURED,
+    openapi_extra=_with_body(NewKey),
 )
 async def create_key(request: Request) -> JSONResponse:
     body = await _body(request, NewKey)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from retouch import __version__
 from retouch.api.admin import ADMIN_SECURITY_SCHEME, AdminService
+from retouch.api.admin import REQUEST_MODELS as ADMIN_REQUEST_MODELS
 from retouch.api.admin import router as admin_router
 from retouch.api.auth import SECURITY_SCHEMES
 from retouch.api.errors import install_error_handlers
@@ -51,6 +53,7 @@ def create_app(
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(playground_router)
+    app.state.routes = [*router.routes, *admin_router.routes, *playground_router.routes]
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     def openapi() -> dict[str, Any]:
@@ -70,11 +73,14 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    request_schema = QwenImageEditRequest.model_json_schema(
-        ref_template="#/components/schemas/{model}"
-    )
-    schemas.update(request_schema.pop("$defs", {}))
-    schemas["QwenImageEditRequest"] = request_schema
+    request_models: tuple[type[BaseModel], ...] = (QwenImageEditRequest, *ADMIN_REQUEST_MODELS)
+    for model in request_models:
+        request_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(request_schema.pop("$defs", {}))
+        schemas[model.__name__] = request_schema
+    # The models this server serves, as the seed lists its one model.
+    served = sorted(cast(TaskService, app.state.services).models)
+    schemas["QwenImageEditRequest"]["properties"]["model"]["enum"] = served
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     spec["components"]["securitySchemes"] = {

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from retouch.errors import (
     InternalError,
@@ -54,7 +55,7 @@ def _from_http(request: Request, exc: StarletteHTTPException) -> RetouchError:
     if exc.status_code == 404:
         return NotFoundError(f"No such endpoint: {route}")
     if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        allowed = _allowed_methods(request)
         return MethodNotAllowedError(
             f"Method {request.method} is not allowed on {request.url.path}"
             + (f"; allowed: {allowed}" if allowed else ""),
@@ -63,6 +64,20 @@ def _from_http(request: Request, exc: StarletteHTTPException) -> RetouchError:
     if exc.status_code >= 500:
         return InternalError()
     return InvalidRequestError(str(exc.detail))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's own `Allow` names only
+    the first route matching the path, and a path often has one route per method.
+    `app.state.routes` lists the routes of included routers (which FastAPI may keep
+    nested); an app without it is searched through its own routes."""
+    methods: set[str] = set()
+    routes = getattr(request.app.state, "routes", None) or request.app.router.routes
+    for route in routes:
+        if isinstance(route, Route) and route.methods:
+            if route.matches({**request.scope, "method": "GET"})[0] != Match.NONE:
+                methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def invalid_request(errors: Sequence[Any]) -> InvalidRequestError:

@@ -140,13 +140,35 @@ _CREATE_BODY = {
 }
 
 
+# What a client can do with the task a create answers (OpenAPI links: API tools follow them).
+_TASK_LINKS = {
+    name: {"operationId": operation, "parameters": {"task_id": "$response.body#/id"}}
+    for name, operation in (
+        ("GetTaskDetail", "getTaskDetail"),
+        ("CancelTask", "cancelTask"),
+        ("StreamTaskEvents", "streamTaskEvents"),
+        ("RedeliverCallback", "redeliverCallback"),
+    )
+}
+
+
 @router.post(
     "/v1/images/generations",
     operation_id="createQwenImageEditGeneration",
     summary="qwen-image-edit Interface",
     tags=["Image Generation"],
     responses={
-        200: {"model": ImageGenerationResponse, "description": "Image task created"},
+        200: {
+            "model": ImageGenerationResponse,
+            "description": "Image task created",
+            "headers": {
+                "Location": {
+                    "description": "Extension: the task's detail, `/v1/tasks/{id}`",
+                    "schema": {"type": "string"},
+                }
+            },
+            "links": _TASK_LINKS,
+        },
         **_errors(400, 401, 402, 403, 404, 409, 413, 429, 500, 502, 503),
     },
     openapi_extra={**_CREATE_BODY, "security": SECURITY},
@@ -162,7 +184,9 @@ async def create_generation(request: Request) -> JSONResponse:
         return service.render(task, base_url, detail=False), replayed
 
     rendered, replayed = await _in_thread(request, work)
-    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    headers = {"Location": f"/v1/tasks/{rendered['id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
     return JSONResponse(rendered, headers=headers)
 
 

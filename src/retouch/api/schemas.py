@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
@@ -17,6 +17,16 @@ from retouch.tasks import MAX_SEED
 MAX_IMAGES = 3
 MAX_URL_LENGTH = 2048
 _SIZE = re.compile(r"^(\d{1,5})[x*](\d{1,5})$")
+# The characters RFC 3986 allows in a URI, with well-formed percent-escapes.
+_URI = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
+
+# The URL shapes the validators accept, stated in the schema for API tools (the validators
+# also check hosts, lengths and encodings).
+_IMAGE_URL: dict[str, Any] = {
+    "format": "uri",
+    "pattern": "^([Hh][Tt][Tt][Pp][Ss]?://|[Dd][Aa][Tt][Aa]:)",
+}
+_CALLBACK_URL: dict[str, Any] = {"format": "uri", "pattern": "^[Hh][Tt][Tt][Pp][Ss]://"}
 
 TaskStatusName = Literal["pending", "processing", "completed", "failed", "cancelled"]
 
@@ -31,7 +41,7 @@ class QwenImageEditRequest(BaseModel):
         "and 2000 tokens of the model's tokenizer",
         examples=["Replace the background of this image"],
     )
-    image_urls: list[str] = Field(
+    image_urls: list[Annotated[str, Field(json_schema_extra=_IMAGE_URL)]] = Field(
         min_length=1,
         max_length=MAX_IMAGES,
         description="1-3 http(s) URLs of the input images: jpg, png, bmp, webp or tiff, "
@@ -40,7 +50,7 @@ class QwenImageEditRequest(BaseModel):
         "the links `POST /v1/uploads` answers.",
         examples=[["https://example.com/image1.png"]],
     )
-    callback_url: str | None = Field(
+    callback_url: Annotated[str, Field(json_schema_extra=_CALLBACK_URL)] | None = Field(
         default=None,
         max_length=MAX_URL_LENGTH,
         description="HTTPS address called with the task detail once the task is "
@@ -60,10 +70,14 @@ class QwenImageEditRequest(BaseModel):
         examples=["1024x1024"],
     )
     prompt_extend: StrictBool = Field(
-        default=False, description="Extension: accepted only as false (not offered)"
+        default=False,
+        description="Extension: accepted only as false (not offered)",
+        json_schema_extra={"const": False},
     )
     watermark: StrictBool = Field(
-        default=False, description="Extension: accepted only as false (not offered)"
+        default=False,
+        description="Extension: accepted only as false (not offered)",
+        json_schema_extra={"const": False},
     )
 
     @field_validator("image_urls")
@@ -126,6 +140,11 @@ def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
         return f"must be an {allowed} URL, not {url[:80]!r}"
     if not parts.netloc or not parts.hostname:
         return f"has no host: {url[:80]!r}"
+    if not _URI.fullmatch(url):
+        return (
+            f"is not a URI: {url[:80]!r} (percent-encode spaces and non-ASCII characters; "
+            "write an international domain name in its xn-- form)"
+        )
     return None
 
 

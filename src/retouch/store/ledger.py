@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from retouch.accounts import (
     DEFAULT_CREDITS,
+    MAX_ACCOUNT_LIMIT,
     MAX_BALANCE_UNITS,
     Account,
     EntryKind,
@@ -228,10 +229,17 @@ class AccountStore(StoreBase):
             values["user_group"] = user_group
         if allowed_models is not _UNSET:
             values["allowed_models"] = None if allowed_models is None else list(allowed_models)
-        if requests_per_minute is not _UNSET:
-            values["requests_per_minute"] = requests_per_minute
-        if max_concurrent_tasks is not _UNSET:
-            values["max_concurrent_tasks"] = max_concurrent_tasks
+        for name, limit in (
+            ("requests_per_minute", requests_per_minute),
+            ("max_concurrent_tasks", max_concurrent_tasks),
+        ):
+            if limit is _UNSET:
+                continue
+            if limit is not None and not 1 <= limit <= MAX_ACCOUNT_LIMIT:
+                raise InvalidRequestError(
+                    f"`{name}` must be from 1 to {MAX_ACCOUNT_LIMIT}, not {limit}", param=name
+                )
+            values[name] = limit
         with self._write() as conn:
             row = find_account(conn, ref, lock=True)
             if values:
