@@ -6,7 +6,7 @@ import logging
 import threading
 from datetime import timedelta
 
-from retouch.storage import ResultStorage
+from retouch.storage import ResultStorage, result_key
 from retouch.store import Store
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,21 @@ class Janitor:
         if purged:
             log.info("janitor: deleted the expired results of %d task(s)", purged)
         return purged
+
+    def purge_abandoned_results(self) -> int:
+        """Delete the result images an attempt killed while storing them left behind,
+        once its task has ended without results (failed, or cancelled, after the
+        attempt). A task that ran again and completed overwrote them: same keys."""
+        swept = 0
+        while batch := self.store.abandoned_results():
+            self.storage.delete(
+                [result_key(task_id, index) for task_id, n in batch for index in range(n)]
+            )
+            self.store.mark_results_purged([task_id for task_id, _ in batch])
+            swept += len(batch)
+        if swept:
+            log.info("janitor: swept the leftovers of %d failed or cancelled task(s)", swept)
+        return swept
 
     def purge_uploads(self) -> int:
         """Delete uploaded images once they are as old as results may get."""
@@ -81,6 +96,7 @@ class Janitor:
                 if since_purge >= self.interval_seconds:
                     since_purge = 0.0
                     self.purge_expired_results()
+                    self.purge_abandoned_results()
                     self.forget_idempotency_keys()
                     self.purge_uploads()
                 self.reap_leases()

@@ -23,7 +23,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped, unused-ignore]
 
 from retouch.clock import Clock
 from retouch.errors import NotFoundError
-from retouch.storage import _KEY, UPLOADS
+from retouch.storage import _KEY, UPLOADS, result_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -70,7 +70,7 @@ class S3ResultStorage:
         return str(self._client.meta.endpoint_url)
 
     def put(self, task_id: str, index: int, data: bytes) -> str:
-        key = f"{task_id}/{index}.png"
+        key = result_key(task_id, index)
         self.put_object(key, data, "image/png")
         return key
 

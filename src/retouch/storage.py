@@ -7,6 +7,7 @@ key, and refused once expired or altered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -25,6 +26,14 @@ from retouch.errors import NotFoundError, PermissionDeniedError
 # uploaded for a task); nothing else is ever stored or served.
 _KEY = re.compile(r"^(task-unified-\d+-[a-z0-9]{8}/\d{1,2}\.png|uploads/up_[0-9a-f]{24})$")
 UPLOADS = "uploads/"
+# Below this much free space a local result volume cannot take a result image
+# (a 1024x1024 PNG is about 1-3 MB): `/readyz` reports it as full.
+MIN_FREE_BYTES = 1 << 20
+
+
+def result_key(task_id: str, index: int) -> str:
+    """Where a task's result image number `index` is stored (every attempt alike)."""
+    return f"{task_id}/{index}.png"
 
 
 class ResultStorage(Protocol):
@@ -60,6 +69,19 @@ class ResultStorage(Protocol):
         ...
 
 
+def _write_beside(path: Path, data: bytes) -> None:
+    """Write beside, then rename: a reader never sees half a file, and a write that
+    fails (no space left) leaves no partial file behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def open_storage(
     location: str | None, default_dir: Path, signing_key: bytes, clock: Clock, **s3: str | None
 ) -> ResultStorage:
@@ -87,21 +109,21 @@ class LocalResultStorage:
         self._clock = clock
 
     def put(self, task_id: str, index: int, data: bytes) -> str:
-        key = f"{task_id}/{index}.png"
+        key = result_key(task_id, index)
         self.put_object(key, data, "image/png")
         return key
 
     def put_object(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside, then rename: a reader never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
+            _write_beside(path, data)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            if not key.startswith(UPLOADS):
+                # A failed put leaves no task folder behind (a full disk, say); rmdir
+                # keeps one that already holds results stored before this one.
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
             raise
 
     def get_object(self, key: str) -> bytes:
@@ -158,6 +180,9 @@ class LocalResultStorage:
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
             raise OSError(f"{self.root} is not writable")
+        free = shutil.disk_usage(self.root).free
+        if free < MIN_FREE_BYTES:
+            raise OSError(f"{self.root} is full: {free} bytes free, no room for a result")
 
     def _sign(self, key: str, expires: int) -> str:
         message = f"{key}\n{expires}".encode()

@@ -12,6 +12,7 @@ worker that was presumed dead can never finish a task twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import queue
 import secrets
@@ -37,7 +38,7 @@ from retouch.prompts import ensure_prompt_fits
 from retouch.storage import ResultStorage
 from retouch.store import Store
 from retouch.store.notify import Wakeups
-from retouch.tasks import MAX_SEED, Task, TaskError
+from retouch.tasks import MAX_SEED, Task, TaskError, TaskStatus
 from retouch.uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,7 @@ class _TaskRun:
         self.store = worker.store
         self._reported = self.task.progress
         self._last_step = time.perf_counter()
+        self._store_down = False
 
     def execute(self) -> None:
         try:
@@ -272,9 +274,15 @@ class _TaskRun:
                 TASKS_FINISHED.labels("failed").inc()
 
     def should_stop(self) -> bool:
-        return self.worker.stopping.is_set() or self.store.should_stop(
-            self.task.id, self.worker.worker_id
-        )
+        if self.worker.stopping.is_set():
+            return True
+        try:
+            stop = self.store.should_stop(self.task.id, self.worker.worker_id)
+        except Exception:
+            self._store_unreachable()
+            return False
+        self._store_down = False
+        return stop
 
     def on_step(self, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -283,9 +291,23 @@ class _TaskRun:
         # 100 is reserved for a completed task; steps map onto 0-99.
         progress = min(99, done * 100 // max(total, 1))
         if progress > self._reported:
+            try:
+                self.store.set_progress(
+                    self.task.id, self.worker.worker_id, progress, self.worker.config.lease_seconds
+                )
+            except Exception:
+                self._store_unreachable()
+                return
             self._reported = progress
-            self.store.set_progress(
-                self.task.id, self.worker.worker_id, progress, self.worker.config.lease_seconds
+
+    def _store_unreachable(self) -> None:
+        """The database is away (restarting, say): that is no engine failure, so the
+        task carries on. Its lease keeper renews the lease once the database is
+        back, and finishing it is conditional on still holding that lease."""
+        if not self._store_down:
+            self._store_down = True
+            log.warning(
+                "task %s: the database is unreachable; carrying on", self.task.id, exc_info=True
             )
 
     def _job(self) -> EditJob:
@@ -313,24 +335,41 @@ class _TaskRun:
         except Exception as exc:
             log.exception("task %s: storing the results failed", self.task.id)
             with contextlib.suppress(Exception):
-                worker.storage.delete(keys)
-            error = TaskError(
-                code=500,
-                type="internal_server_error",
-                message=f"storing the result images failed: {type(exc).__name__}: "
-                f"{first_line(exc)}",
-            )
-            if self.store.fail(self.task.id, worker.worker_id, error):
+                self._discard(keys)
+            if self.store.fail(self.task.id, worker.worker_id, storage_error(exc)):
                 TASKS_FINISHED.labels("failed").inc()
             return
         expires = worker.clock.now() + timedelta(seconds=worker.config.result_ttl_seconds)
         if not self.store.complete(self.task.id, worker.worker_id, keys, expires):
             # The lease was lost (we were presumed dead): the task is someone else's now.
-            log.warning("task %s: lease lost before completion; results dropped", self.task.id)
-            worker.storage.delete(keys)
+            dropped = self._discard(keys)
+            log.warning(
+                "task %s: lease lost before completion; results %s",
+                self.task.id,
+                "dropped" if dropped else "left to the attempt that has the task now",
+            )
             return
         TASKS_FINISHED.labels("completed").inc()
         log.info("task %s: completed with %d result(s)", self.task.id, len(keys))
+
+    def _discard(self, keys: list[str]) -> bool:
+        """Delete the result images this attempt stored, unless another attempt uses
+        them: every attempt stores a task's results under the same keys, so once
+        another one holds the task or has completed it, they are its. (A task that
+        ends without results has them swept by the janitor.) True if deleted."""
+        if keys and self._another_attempt_has_the_task():
+            return False
+        self.worker.storage.delete(keys)
+        return True
+
+    def _another_attempt_has_the_task(self) -> bool:
+        """Completed, queued again, or leased to another worker."""
+        task = self.store.get_task(self.task.id)
+        if task is None:
+            return False
+        if task.status is TaskStatus.COMPLETED:
+            return True
+        return not task.status.is_terminal and task.lease_owner != self.worker.worker_id
 
     def _interrupted(self) -> None:
         worker_id = self.worker.worker_id
@@ -356,6 +395,23 @@ def engine_error(exc: BaseException) -> TaskError:
     else:
         message = f"the model failed while editing: {type(exc).__name__}: {detail}"
     return TaskError(code=500, type="internal_server_error", message=message)
+
+
+def storage_error(exc: BaseException) -> TaskError:
+    """What a client sees when its results could not be stored."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # Temporary and the operator's to fix; the path in the OS message is not news.
+        return TaskError(
+            code=503,
+            type="service_unavailable_error",
+            message="the result storage is full (no space left), so the result images "
+            "could not be saved; no credits were charged, try again later",
+        )
+    return TaskError(
+        code=500,
+        type="internal_server_error",
+        message=f"storing the result images failed: {type(exc).__name__}: {first_line(exc)}",
+    )
 
 
 class _LeaseKeeper:

@@ -83,6 +83,11 @@ def test_kill_9_mid_denoise_then_restart_runs_every_task(tmp_path: Path) -> None
         assert after["status"] == "completed", after
         assert httpx.get(rerun["results"][0]).status_code == 200
         assert "were running when the server last stopped" in fast.log()
+        # Nothing of the killed attempt is left beside the results: no partial file.
+        results = data_dir / "results"
+        stored = {str(path.relative_to(results)) for path in results.rglob("*") if path.is_file()}
+        assert stored == {f"{rerun['id']}/0.png", f"{after['id']}/0.png"}
+        assert httpx.get(f"{fast.url}/readyz").status_code == 200
     finally:
         fast.stop()
         host.close()

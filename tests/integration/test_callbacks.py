@@ -51,7 +51,7 @@ class Received:
 class Receiver:
     """An HTTPS endpoint that answers from a script and records every request."""
 
-    def __init__(self, ca: trustme.CA) -> None:
+    def __init__(self, ca: trustme.CA, port: int = 0) -> None:
         self.script: list[Answer] = []
         self.received: list[Received] = []
         receiver = self
@@ -71,7 +71,7 @@ class Receiver:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)

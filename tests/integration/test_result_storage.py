@@ -237,6 +237,28 @@ def test_the_janitor_deletes_expired_results(
     assert janitor.purge_expired_results() == 0
 
 
+def test_the_janitor_deletes_what_a_killed_attempt_left_of_a_failed_task(
+    backend: Backend, store: Store, clock: FakeClock
+) -> None:
+    """A worker killed while storing results (one of two stored) leaves that image
+    behind; once the reaper has given the task up, the janitor deletes it, and
+    leaves a completed task's results alone."""
+    key = store.create_key("alice")[0]
+    done = completed_task(store, key, backend.storage, results=1, ttl_seconds=3600)
+    params = EditParams(prompt="edit", image_urls=["https://example.com/a.png"], n=2)
+    task = pending_task(key, clock.now(), params, credits=2.0, model=SPEC.name)
+    store.create_task(task)
+    assert store.claim_next("killed-worker", 30.0) is not None
+    backend.storage.put(task.id, 0, PNG)  # ... and the worker dies here
+    janitor = Janitor(store, backend.storage, max_attempts=1, interval_seconds=60)
+    assert janitor.purge_abandoned_results() == 0  # the task may still complete
+    clock.advance(31)
+    assert janitor.reap_leases() == 1
+    assert janitor.purge_abandoned_results() == 1
+    assert backend.stored() == in_store(backend, f"{done.id}/0.png")
+    assert janitor.purge_abandoned_results() == 0
+
+
 def completed_task(
     store: Store, key: ApiKey, storage: ResultStorage, results: int, ttl_seconds: float
 ) -> Task:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
 
 from retouch.accounts import EntryKind
 from retouch.clock import FakeClock
@@ -155,6 +156,36 @@ def test_a_hard_stop_hands_back_the_running_and_the_prefetched_task_at_once(
     assert time.monotonic() - started < 1.0
     assert_handed_back(api.store, running)
     assert_handed_back(api.store, ahead)
+
+
+def test_a_database_outage_mid_denoise_is_no_engine_failure(
+    api: Api, image_host: ImageHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the database is away (a restart) the cancel checks and progress reports
+    fail; the task keeps denoising and completes on its first attempt once it is
+    back (`test_faults_processes.py` restarts a real PostgreSQL)."""
+    api.start_worker(FixtureEngine(step_seconds=0.02, steps=60))
+    task_id = create(api, edit([image_host.add("/a.png", png_bytes())]))["id"]
+    wait_for(lambda: stored(api.store, task_id).progress >= 1, timeout=10, what="progress")
+    outage = threading.Event()
+
+    def unreachable(real: Callable[..., bool]) -> Callable[..., bool]:
+        def call(*args: object) -> bool:
+            if outage.is_set():
+                raise OperationalError("SELECT", {}, ConnectionRefusedError("server closed"))
+            return real(*args)
+
+        return call
+
+    monkeypatch.setattr(api.store, "should_stop", unreachable(api.store.should_stop))
+    monkeypatch.setattr(api.store, "set_progress", unreachable(api.store.set_progress))
+    outage.set()
+    time.sleep(0.3)  # steps go by without the database
+    assert stored(api.store, task_id).status is TaskStatus.PROCESSING
+    outage.clear()
+    done = wait_task(api.store, task_id, TaskStatus.COMPLETED, TaskStatus.FAILED)
+    assert (done.status, done.attempts, done.error) == (TaskStatus.COMPLETED, 1, None)
+    assert ledger_kinds(api.store, done) == [EntryKind.RESERVE, EntryKind.CAPTURE]
 
 
 # -- waking up on notifications (PostgreSQL) ---------------------------------------
