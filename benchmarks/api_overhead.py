@@ -56,6 +56,7 @@ STARTUP_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 LOG_TAIL_LINES = 20
 ACCESS_LINE = re.compile(r'" (\d{3})\b')
+JSON_TYPE = {"Content-Type": "application/json"}
 CREATE_BODY: dict[str, Any] = {
     "model": "qwen-image-edit",
     "prompt": "replace the background",
@@ -191,8 +192,10 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def wait_until_healthy(server: Server, health_path: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+def wait_until_healthy(
+    server: Server, health_path: str, timeout: float = STARTUP_TIMEOUT_SECONDS
+) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = server.process.poll()
         if code is not None:
@@ -207,7 +210,7 @@ def wait_until_healthy(server: Server, health_path: str) -> None:
         time.sleep(0.1)
     raise StartupFailure(
         f"the {server.name} server did not answer {health_path} within "
-        f"{STARTUP_TIMEOUT_SECONDS:.0f} s:\n{log_tail(server.log_path)}"
+        f"{timeout:.0f} s:\n{log_tail(server.log_path)}"
     )
 
 
@@ -308,22 +311,31 @@ class Scenario:
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + self.body
 
 
+def baseline_scenarios(port: int) -> tuple[Scenario, Scenario]:
+    """The framework's floor (`GET /ping`) and the minimal create (`POST /create`)."""
+    body = json.dumps(CREATE_BODY).encode()
+    return (
+        Scenario("baseline GET /ping", port, "GET", "/ping"),
+        Scenario("baseline POST /create", port, "POST", "/create", JSON_TYPE, body),
+    )
+
+
 def build_scenarios(
     baseline_port: int, retouch_port: int, key: str, task_id: str
 ) -> list[Scenario]:
-    json_type = {"Content-Type": "application/json"}
     auth = {"Authorization": f"Bearer {key}"}
     body = json.dumps(CREATE_BODY).encode()
+    baseline_get, baseline_create = baseline_scenarios(baseline_port)
     return [
-        Scenario("baseline GET /ping", baseline_port, "GET", "/ping"),
+        baseline_get,
         Scenario("retouch GET /v1/tasks/{id}", retouch_port, "GET", f"/v1/tasks/{task_id}", auth),
-        Scenario("baseline POST /create", baseline_port, "POST", "/create", json_type, body),
+        baseline_create,
         Scenario(
             "retouch POST /v1/images/generations",
             retouch_port,
             "POST",
             "/v1/images/generations",
-            {**json_type, **auth},
+            {**JSON_TYPE, **auth},
             body,
         ),
     ]
@@ -359,6 +371,13 @@ class Tally:
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     """Read one response; return its status and whether the connection stays open."""
+    status, keep_alive, _body = await read_response_body(reader)
+    return status, keep_alive
+
+
+async def read_response_body(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    """Read one response; return its status, whether the connection stays open and
+    its body."""
     head = await reader.readuntil(b"\r\n\r\n")
     status_line, *header_lines = head[:-4].split(b"\r\n")
     length: int | None = None
@@ -372,8 +391,8 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             keep_alive = value.strip().lower() != b"close"
     if length is None:
         raise ProtocolError("response without Content-Length")
-    await reader.readexactly(length)
-    return int(status_line.split(b" ", 2)[1]), keep_alive
+    body = await reader.readexactly(length)
+    return int(status_line.split(b" ", 2)[1]), keep_alive, body
 
 
 class Client:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.support import REPO, retouch_cli
+
+POSTGRES_URL = os.environ.get("RETOUCH_TEST_DATABASE_URL")
 
 
 def test_gpu_random_weights_runs_with_a_tiny_config(tmp_path: Path) -> None:
@@ -76,3 +83,56 @@ def test_api_overhead_prints_ratios_against_the_baseline() -> None:
     ]:
         assert scenario in result.stdout
     assert "retouch / baseline" in result.stdout
+
+
+def _quick_load(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Run `benchmarks/load.py --quick` with ARGS; its stdout and its JSON figures."""
+    figures = tmp_path / "load.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "load.py"), "--quick", "--json",
+         str(figures), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout, json.loads(figures.read_text())
+
+
+def _assert_load_figures(stdout: str, figures: dict[str, Any]) -> None:
+    assert figures["passed"] and figures["problems"] == [], figures["problems"]
+    assert figures["unexpected_5xx"] == 0 and figures["unexpected"] == 0
+    rows = {row["endpoint"]: row for row in figures["endpoints"]}
+    for endpoint in ["POST /v1/images/generations", "GET /v1/tasks/{id}"]:
+        row = rows[endpoint]
+        assert row["requests"] > 0 and row["requests_per_second"] > 0, endpoint
+        assert 0 < row["p50_ms"] <= row["p99_ms"], endpoint
+        assert row["unexpected"] == {}, endpoint
+    assert rows["bad: wrong key"]["expected"].keys() <= {"401"}
+    tasks = figures["tasks"]
+    assert tasks["created"] > 0 and tasks["lost"] == 0 and tasks["stuck"] == 0
+    assert all(row["end_over_warm"] <= 1.2 for row in figures["memory"])
+    assert [result["errors"] for result in figures["baseline"]] == [0, 0]
+    assert math.isfinite(figures["ratios"]["poll_p50_over_ping_p50"])
+    assert "retouch / baseline:" in stdout and "The ledger is consistent." in stdout
+    assert "checks:    passed" in stdout
+
+
+def test_load_benchmark_quick_run_on_one_server(tmp_path: Path) -> None:
+    """The fixture engine behind one `retouch serve` on SQLite."""
+    stdout, figures = _quick_load(tmp_path)
+    _assert_load_figures(stdout, figures)
+    assert [row["process"] for row in figures["memory"]][:2] == ["serve", "serve: worker"]
+
+
+def test_load_benchmark_quick_run_scaled_out_on_postgresql(tmp_path: Path) -> None:
+    """Two API processes and three workers on a fresh PostgreSQL schema."""
+    if POSTGRES_URL is None:
+        pytest.skip("needs PostgreSQL: set RETOUCH_TEST_DATABASE_URL (CI does)")
+    stdout, figures = _quick_load(
+        tmp_path, "--topology", "scale-out", "--database-url", POSTGRES_URL
+    )
+    _assert_load_figures(stdout, figures)
+    processes = {row["process"] for row in figures["memory"]}
+    assert {"api0", "api1", "worker0", "worker1", "worker2"} <= processes

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event
 
 from retouch.accounts import GroupLimits, Limits
 from retouch.engine.base import EditJob, StepCallback, StopCheck
@@ -647,3 +648,28 @@ def test_usage_shows_the_account_its_credits_limits_and_tasks(api: Api) -> None:
     assert usage(api, vip)["limits"] == {"requests_per_minute": 600, "max_concurrent_tasks": 50}
     with api.client("") as client:
         assert_error(client.get("/v1/usage"), 401, "authentication_error")
+
+
+def test_a_refusal_past_a_high_concurrency_limit_reads_the_queue_once(api: Api) -> None:
+    """The Retry-After of a 429 for too many unfinished tasks looks up one queue position
+    (per model), not one per unfinished task: at 1,000 unfinished tasks each refused
+    create ran 1,000 queue counts, and clients past their limit retry in a loop."""
+    limit = 25
+    api.service.limits = Limits(
+        default=GroupLimits(requests_per_minute=1_000, max_concurrent_tasks=limit)
+    )
+    created = [create(api, edit([URL])) for _ in range(limit)]
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(api.store.engine, "before_cursor_execute", count)
+    try:
+        refused = post(api, edit([URL]))
+    finally:
+        event.remove(api.store.engine, "before_cursor_execute", count)
+    assert_error(refused, 429, "rate_limit_error")
+    estimates = [task_detail(api, t["id"])["task_info"]["estimated_time"] for t in created]
+    assert int(refused.headers["Retry-After"]) == min(estimates) == 30
+    assert len(statements) < 10, "\n".join(statements)

@@ -124,9 +124,19 @@ class TaskService:
             ) from None
 
     def _first_finish(self, account_id: str) -> float:
-        """Seconds until the first of the account's unfinished tasks should be done."""
-        estimates = [self.estimated_time(task) for task in self.store.unfinished_tasks(account_id)]
-        return min(estimates, default=1)
+        """Seconds until the first of the account's unfinished tasks should be done.
+
+        Of one model's pending tasks, the one nearest the head of the queue has the
+        least ahead of it: one queue lookup per model, not one per task (an account
+        may have thousands, and a client past its limit may retry in a loop)."""
+        unfinished = self.store.unfinished_tasks(account_id)
+        candidates = [task for task in unfinished if task.status is TaskStatus.PROCESSING]
+        first_pending: dict[str, Task] = {}
+        pending = (task for task in unfinished if task.status is TaskStatus.PENDING)
+        for task in sorted(pending, key=lambda t: (t.priority_at or t.created_at, t.id)):
+            first_pending.setdefault(task.model, task)
+        candidates += first_pending.values()
+        return min((self.estimated_time(task) for task in candidates), default=1)
 
     def usage(self, key: ApiKey) -> dict[str, Any]:
         """Extension: the caller's account, its credits, limits and tasks."""
