@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 
 import pytest
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from retouch import errors
+from retouch.api.errors import database_unavailable
 from retouch.tasks import TaskStatus, new_task_id
 
 
@@ -76,3 +79,22 @@ def test_first_line_is_one_short_line_or_nothing() -> None:
         first_line(ValueError("  bad input\n  Traceback (most recent call last):")) == "bad input"
     )
     assert first_line(RuntimeError("x" * 500), 200) == "x" * 200
+
+
+def test_a_database_that_cannot_answer_is_told_apart_from_a_bug() -> None:
+    """Unreachable or locked: 503, retry. A missing table or bad SQL: 500, a bug."""
+
+    def operational(message: str, *, invalidated: bool = False) -> OperationalError:
+        return OperationalError(
+            "SELECT 1", {}, sqlite3.OperationalError(message), connection_invalidated=invalidated
+        )
+
+    assert database_unavailable(operational("database is locked"))
+    assert database_unavailable(operational("connection failed: Connection refused"))
+    assert database_unavailable(operational("server closed the connection", invalidated=True))
+    assert not database_unavailable(operational("no such table: tasks"))
+    assert not database_unavailable(operational("No such column: tasks.idx"))
+    assert not database_unavailable(
+        ProgrammingError("SELECT 1", {}, sqlite3.ProgrammingError("relation does not exist"))
+    )
+    assert not database_unavailable(RuntimeError("database is locked"))

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
@@ -19,11 +20,14 @@ from retouch.errors import (
     MethodNotAllowedError,
     NotFoundError,
     RetouchError,
+    ServiceUnavailableError,
+    first_line,
 )
 
 log = logging.getLogger(__name__)
 
 _LIST_BOUNDS = {"image_urls": "1-3 image URLs"}
+DATABASE_RETRY_SECONDS = 5
 
 
 def error_response(error: RetouchError) -> JSONResponse:
@@ -44,10 +48,36 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(InternalError())
 
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        if not database_unavailable(exc):
+            return await on_unexpected(request, exc)
+        log.warning(
+            "database unavailable on %s %s: %s",
+            request.method,
+            request.url.path,
+            first_line(exc, 200),
+        )
+        return error_response(
+            ServiceUnavailableError(
+                "The database is unreachable for the moment; retry shortly (a create is safe "
+                "to retry with the same Idempotency-Key)",
+                retry_after=DATABASE_RETRY_SECONDS,
+            )
+        )
+
+    app.add_exception_handler(OperationalError, on_database_error)
     app.add_exception_handler(RetouchError, on_retouch_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """A database that cannot answer now (restarting, unreachable, a SQLite file
+    locked past the busy timeout), as opposed to a bug such as a missing table."""
+    if not isinstance(exc, OperationalError):
+        return False
+    return exc.connection_invalidated or not str(exc.orig).lower().startswith("no such ")
 
 
 def _from_http(request: Request, exc: StarletteHTTPException) -> RetouchError:

@@ -47,7 +47,9 @@ T = TypeVar("T")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorResponse, "description": "Error"} for code in codes}
+    """The error answers of a route, in the seed's body; any route may also answer 503
+    while the database is unreachable."""
+    return {code: {"model": ErrorResponse, "description": "Error"} for code in (*codes, 503)}
 
 
 def _service(request: Request) -> TaskService:
@@ -169,7 +171,7 @@ _TASK_LINKS = {
             },
             "links": _TASK_LINKS,
         },
-        **_errors(400, 401, 402, 403, 404, 409, 413, 429, 500, 502, 503),
+        **_errors(400, 401, 402, 403, 404, 409, 413, 429, 500, 502),
     },
     openapi_extra={**_CREATE_BODY, "security": SECURITY},
 )
