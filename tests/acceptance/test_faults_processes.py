@@ -38,14 +38,12 @@ from tests.support import (
     ServeProcess,
     WorkerProcess,
     png_bytes,
-    postgres_schema,
     retouch_cli,
     wait_for,
 )
 
 pytestmark = pytest.mark.acceptance
 
-POSTGRES_URL = os.environ.get("RETOUCH_TEST_DATABASE_URL")
 TERMINAL = {"completed", "failed", "cancelled"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LOCAL_ARGS = ("--allow-private-networks", "--fetch-ports", "any")
@@ -175,14 +173,6 @@ def proxied_seaweedfs(seaweedfs: SeaweedS3) -> Iterator[tuple[SeaweedS3, Stallin
         proxy.close()
 
 
-@pytest.fixture
-def database_url() -> Iterator[str]:
-    if POSTGRES_URL is None:
-        pytest.skip("needs PostgreSQL: set RETOUCH_TEST_DATABASE_URL (CI does)")
-    with postgres_schema(POSTGRES_URL) as url:
-        yield url
-
-
 # -- helpers -----------------------------------------------------------------
 
 
@@ -250,6 +240,17 @@ def _key(data_dir: Path, database_url: str | None = None) -> dict[str, str]:
         where += ["--database-url", database_url]
     secret = retouch_cli("keys", "create", "--name", "faults", *where).stdout.strip()
     return {"Authorization": f"Bearer {secret}"}
+
+
+def _two_takes(image_host: ImageHost, **extra: Any) -> dict[str, Any]:
+    """An edit with two results, so a test can stall the second one's upload."""
+    return {
+        "model": "qwen-image-edit",
+        "prompt": "two takes",
+        "image_urls": [image_host.add("/a.png", png_bytes((512, 512)))],
+        "n": 2,
+        **extra,
+    }
 
 
 def _submit(api: ServeProcess, headers: dict[str, str], body: dict[str, Any]) -> str:
@@ -401,12 +402,7 @@ def test_kill_9_mid_result_upload_then_restart(
         "--storage", f"s3://{bucket}/results", "--s3-endpoint-url", proxy.url,
         "--max-attempts", str(max_attempts), "--janitor-interval-seconds", "1",
     )  # fmt: skip
-    body = {
-        "model": "qwen-image-edit",
-        "prompt": "two takes",
-        "image_urls": [image_host.add("/a.png", png_bytes((512, 512)))],
-        "n": 2,
-    }
+    body = _two_takes(image_host)
     proxy.stall_once(_second_result_put(bucket, "results"))
     killed = ServeProcess(data_dir, *args, env=_s3_env(seaweedfs))
     try:
@@ -485,16 +481,7 @@ def test_kill_9_worker_during_finalize(
     try:
         api.start()
         killed.start()
-        task_id = _submit(
-            api,
-            headers,
-            {
-                "model": "qwen-image-edit",
-                "prompt": "two takes",
-                "image_urls": [image_host.add("/a.png", png_bytes((512, 512)))],
-                "n": 2,
-            },
-        )
+        task_id = _submit(api, headers, _two_takes(image_host))
         wait_for(proxy.stalled.is_set, timeout=30, what="the second result upload to stall")
         row = _task_row(database_url, task_id)
         assert row["status"] == "processing" and row["lease_owner"] in killed.log()
@@ -555,17 +542,8 @@ def test_a_worker_frozen_during_finalize_leaves_the_winners_results_alone(
     try:
         api.start()
         frozen.start()
-        task_id = _submit(
-            api,
-            headers,
-            {
-                "model": "qwen-image-edit",
-                "prompt": "two takes",
-                "image_urls": [image_host.add("/a.png", png_bytes((512, 512)))],
-                "n": 2,
-                "seed": 7,  # both attempts make the same images
-            },
-        )
+        # Seeded: both attempts make the same images.
+        task_id = _submit(api, headers, _two_takes(image_host, seed=7))
         wait_for(proxy.stalled.is_set, timeout=30, what="the second result upload to stall")
         assert frozen.process is not None
         os.kill(frozen.process.pid, signal.SIGSTOP)

@@ -5,13 +5,11 @@ without its callback."""
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import signal
 import statistics
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,25 +28,15 @@ from tests.support import (
     ServeProcess,
     WorkerProcess,
     png_bytes,
-    postgres_schema,
     retouch_cli,
     wait_for,
 )
 
 pytestmark = pytest.mark.acceptance
 
-POSTGRES_URL = os.environ.get("RETOUCH_TEST_DATABASE_URL")
 TASKS = 200
 SHARED_SECRET = "scale-out-shared-secret"
 TERMINAL = {"completed", "failed", "cancelled"}
-
-
-@pytest.fixture
-def database_url() -> Iterator[str]:
-    if POSTGRES_URL is None:
-        pytest.skip("needs PostgreSQL: set RETOUCH_TEST_DATABASE_URL (CI does)")
-    with postgres_schema(POSTGRES_URL) as url:
-        yield url
 
 
 def test_two_apis_and_three_workers_lose_nothing(
