@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from retouch.clock import Clock
+from retouch.logs import RepeatedFailure
 from retouch.metrics import CALLBACKS, STAGE_SECONDS
 from retouch.netguard import AddressGuard, DestinationRefused, UrlRules, guarded_transport
 from retouch.store import Store
@@ -163,11 +164,13 @@ class CallbackDispatcher:
         self._client.close()
 
     def _loop(self) -> None:
+        failures = RepeatedFailure(log, "the callback dispatcher")
         while not self._stop.is_set():
             try:
                 busy = self.run_once()
-            except Exception:
-                log.exception("the callback dispatcher failed; retrying")
+                failures.succeeded()
+            except Exception as exc:
+                failures.failed(exc)
                 busy = 0
             if not busy:
                 self._stop.wait(self.poll_seconds)

@@ -6,6 +6,7 @@ import logging
 import threading
 from datetime import timedelta
 
+from retouch.logs import RepeatedFailure
 from retouch.storage import ResultStorage, result_key
 from retouch.store import Store
 
@@ -91,6 +92,7 @@ class Janitor:
         # long); files are swept at the configured interval.
         tick = min(self.interval_seconds, REAP_INTERVAL_SECONDS)
         since_purge = self.interval_seconds  # sweep once at start-up
+        failures = RepeatedFailure(log, "the janitor")
         while True:
             try:
                 if since_purge >= self.interval_seconds:
@@ -100,8 +102,9 @@ class Janitor:
                     self.forget_idempotency_keys()
                     self.purge_uploads()
                 self.reap_leases()
-            except Exception:
-                log.exception("janitor run failed; trying again next interval")
+                failures.succeeded()
+            except Exception as exc:
+                failures.failed(exc)
             if self._stop.wait(tick):
                 return
             since_purge += tick

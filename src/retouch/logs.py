@@ -10,10 +10,13 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
+
+from retouch.errors import first_line
 
 _task_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
 _worker_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("worker_id", default=None)
@@ -85,3 +88,58 @@ def configure_logging(json_lines: bool | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class RepeatedFailure:
+    """How a retrying loop reports a failure that lasts (a database restarting,
+    say) without a traceback every few hundred milliseconds: the first failure
+    with its traceback, then one line at most every `every` seconds saying how
+    many there were, and one line once the loop works again.
+
+    One per loop; not for sharing between threads."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        every: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._what = what
+        self._every = every
+        self._clock = clock
+        self._since: float | None = None
+        self._reported = 0.0
+        self._count = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """Call from the `except` block of each failed try."""
+        now = self._clock()
+        self._count += 1
+        if self._since is None:
+            self._since = self._reported = now
+            self._log.error("%s failed; retrying", self._what, exc_info=exc)
+        elif now - self._reported >= self._every:
+            self._reported = now
+            self._log.warning(
+                "%s still failing: %d failures in %.0f s, the last: %s: %s",
+                self._what,
+                self._count,
+                now - self._since,
+                type(exc).__name__,
+                first_line(exc, 200),
+            )
+
+    def succeeded(self) -> None:
+        """Call after each try that worked."""
+        if self._since is not None:
+            self._log.warning(
+                "%s works again after %d failures in %.0f s",
+                self._what,
+                self._count,
+                self._clock() - self._since,
+            )
+            self._since = None
+            self._count = 0

@@ -31,7 +31,7 @@ from retouch.engine.base import EditJob, Engine, Interrupted
 from retouch.errors import InvalidInputError, first_line
 from retouch.fetch import ImageFetcher
 from retouch.images import decode_image, encode_png
-from retouch.logs import context
+from retouch.logs import RepeatedFailure, context
 from retouch.metrics import STAGE_SECONDS, STEP_SECONDS, TASKS_FINISHED
 from retouch.models import ModelSpec
 from retouch.prompts import ensure_prompt_fits
@@ -85,6 +85,7 @@ class Worker:
         self.fetcher = fetcher
         self.config = config or WorkerConfig()
         self.worker_id = worker_id or new_worker_id()
+        self._claim_failures = RepeatedFailure(log, f"worker {self.worker_id}: claiming a task")
         self.clock = clock or SystemClock()
         self.wakeups = wakeups
         self.uploads = uploads
@@ -172,10 +173,11 @@ class Worker:
             task = self.store.claim_next(
                 self.worker_id, self.config.lease_seconds, models=list(self.models)
             )
-        except Exception:
+        except Exception as exc:
             # The store is unreachable or similar: keep the worker alive and retry.
-            log.exception("worker %s: could not claim a task", self.worker_id)
+            self._claim_failures.failed(exc)
             return False
+        self._claim_failures.succeeded()
         if task is None:
             return False
         if task.started_at is not None:
@@ -439,9 +441,11 @@ class _LeaseKeeper:
         self.stop()
 
     def _renew(self) -> None:
+        failures = RepeatedFailure(log, f"renewing the lease of task {self._task_id}")
         while not self._done.wait(self._lease_seconds / 3):
             try:
                 if not self._store.renew_lease(self._task_id, self._worker_id, self._lease_seconds):
                     return
-            except Exception:
-                log.exception("task %s: renewing the lease failed", self._task_id)
+                failures.succeeded()
+            except Exception as exc:
+                failures.failed(exc)

@@ -47,6 +47,7 @@ pytestmark = pytest.mark.acceptance
 TERMINAL = {"completed", "failed", "cancelled"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LOCAL_ARGS = ("--allow-private-networks", "--fetch-ports", "any")
+TRACEBACK = '"exception": "Traceback'  # a JSON log line with one
 
 
 # -- a TCP proxy that stalls one upload --------------------------------------
@@ -629,6 +630,13 @@ def test_postgres_restart_while_tasks_run(
         _ledger_check(database_url, tmp_path / "cli")
         assert _ledger_kinds(database_url) == {"reserve": 3, "capture": 3}
         assert _files(results) == {f"{task_id}/0.png" for task_id in completed}
+        # The outage is told once per retrying loop, with its traceback, then once
+        # more when it is over, not at every retry.
+        for process in (api, worker):
+            log = process.log()
+            with_traceback = [line for line in log.splitlines() if TRACEBACK in line]
+            assert 1 <= len(with_traceback) <= 4, log[-8000:]
+            assert "works again after" in log, log[-8000:]
     finally:
         api.stop()
         worker.stop()

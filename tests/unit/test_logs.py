@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from retouch.logs import JsonFormatter, configure_logging, context
+from retouch.logs import JsonFormatter, RepeatedFailure, configure_logging, context
 
 BASE_KEYS = {"time", "level", "logger", "process", "message"}
 
@@ -166,3 +166,40 @@ def test_json_formatter_without_the_context_filter() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert set(line) == BASE_KEYS
     assert (line["logger"], line["level"], line["message"]) == ("x", "info", "hello you")
+
+
+def test_a_lasting_failure_is_one_traceback_then_a_line_a_minute_then_a_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    logger = logging.getLogger("retouch.test.repeated")
+    failures = RepeatedFailure(logger, "claiming a task", clock=lambda: now[0])
+
+    def fail(message: str) -> None:
+        try:
+            raise ConnectionError(message)
+        except ConnectionError as exc:
+            failures.failed(exc)
+
+    with caplog.at_level(logging.INFO, logger="retouch.test.repeated"):
+        failures.succeeded()  # nothing to report yet
+        fail("connection refused")
+        for _ in range(50):  # every 0.2 s for 10 s: silent
+            now[0] += 0.2
+            fail("connection refused")
+        now[0] += 50.0
+        fail("still refused")  # 60 s after the first: one line
+        now[0] += 1.0
+        fail("still refused")
+        failures.succeeded()
+        failures.succeeded()
+        fail("refused again")  # a new outage starts over, with its traceback
+
+    records = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert records == [
+        ("ERROR", "claiming a task failed; retrying", True),
+        ("WARNING", "claiming a task still failing: 52 failures in 60 s, the last: "
+                    "ConnectionError: still refused", False),
+        ("WARNING", "claiming a task works again after 53 failures in 61 s", False),
+        ("ERROR", "claiming a task failed; retrying", True),
+    ]  # fmt: skip

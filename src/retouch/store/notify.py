@@ -15,6 +15,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
 
+from retouch.logs import RepeatedFailure
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "retouch_tasks"
@@ -32,6 +34,7 @@ class Wakeups:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._conn: Any = None
+        self._failures = RepeatedFailure(log, "listening for new tasks")
 
     @classmethod
     def for_engine(cls, engine: Engine) -> Wakeups | None:
@@ -49,12 +52,13 @@ class Wakeups:
         """True when a task was announced within `timeout` seconds."""
         try:
             conn = self._listening()
+            self._failures.succeeded()
             for _notice in conn.notifies(timeout=timeout, stop_after=1):
                 # Several announcements may be queued: one wake-up is enough.
                 return True
             return False
-        except Exception:
-            log.warning("listening for new tasks failed; reconnecting", exc_info=True)
+        except Exception as exc:
+            self._failures.failed(exc)
             self.close()
             # Wait out the timeout anyway: a database that is down is not hammered.
             time.sleep(timeout)
