@@ -7,7 +7,7 @@ import threading
 from datetime import timedelta
 
 from retouch.logs import RepeatedFailure
-from retouch.storage import ResultStorage, result_key
+from retouch.storage import ResultStorage
 from retouch.store import Store
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ class Janitor:
     def purge_expired_results(self) -> int:
         purged = 0
         while batch := self.store.expired_results():
-            for _task_id, keys in batch:
-                self.storage.delete(keys)
+            for task_id, _keys in batch:
+                # Every object of the task: its results and any a late attempt left.
+                self.storage.delete_task(task_id)
             self.store.mark_results_purged([task_id for task_id, _ in batch])
             purged += len(batch)
         if purged:
@@ -47,13 +48,12 @@ class Janitor:
     def purge_abandoned_results(self) -> int:
         """Delete the result images an attempt killed while storing them left behind,
         once its task has ended without results (failed, or cancelled, after the
-        attempt). A task that ran again and completed overwrote them: same keys."""
+        attempt). A task that ran again and completed swept them itself."""
         swept = 0
         while batch := self.store.abandoned_results():
-            self.storage.delete(
-                [result_key(task_id, index) for task_id, n in batch for index in range(n)]
-            )
-            self.store.mark_results_purged([task_id for task_id, _ in batch])
+            for task_id in batch:
+                self.storage.delete_task(task_id)
+            self.store.mark_results_purged(batch)
             swept += len(batch)
         if swept:
             log.info("janitor: swept the leftovers of %d failed or cancelled task(s)", swept)

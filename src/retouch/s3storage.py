@@ -8,6 +8,7 @@ never serves these files itself. Credentials come from boto3's usual chain
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from botocore.exceptions import (  # type: ignore[import-untyped, unused-ignore]
 
 from retouch.clock import Clock
 from retouch.errors import NotFoundError
-from retouch.storage import _KEY, UPLOADS, result_key
+from retouch.storage import _KEY, UPLOADS, result_key, task_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -69,8 +70,8 @@ class S3ResultStorage:
     def endpoint_url(self) -> str:
         return str(self._client.meta.endpoint_url)
 
-    def put(self, task_id: str, index: int, data: bytes) -> str:
-        key = result_key(task_id, index)
+    def put(self, task_id: str, index: int, data: bytes, run: str) -> str:
+        key = result_key(task_id, index, run)
         self.put_object(key, data, "image/png")
         return key
 
@@ -116,6 +117,20 @@ class S3ResultStorage:
                     f"{len(errors)} object(s), e.g. {first.get('Key')!r}: "
                     f"{first.get('Code')}: {first.get('Message')}"
                 )
+
+    def delete_task(self, task_id: str, keep: Collection[str] = ()) -> int:
+        """Delete every object under the task's prefix but `keep`: one listing, then
+        batched deletes."""
+        root = self._object_prefix("")
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._object_prefix(task_prefix(task_id))
+        )
+        listed = [
+            item["Key"].removeprefix(root) for page in pages for item in page.get("Contents", [])
+        ]
+        stale = [key for key in listed if key not in keep and _KEY.match(key)]
+        self.delete(stale)
+        return len(stale)
 
     def link(self, base_url: str, key: str, expires_at: datetime) -> str:
         """A presigned GET URL for `key` (`base_url` is unused: links go to the store)."""

@@ -12,8 +12,10 @@ import hashlib
 import hmac
 import os
 import re
+import secrets
 import shutil
 import tempfile
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -22,26 +24,48 @@ from urllib.parse import quote, urlencode
 from retouch.clock import Clock
 from retouch.errors import NotFoundError, PermissionDeniedError
 
-# Keys look like `<task id>/<index>.png` (results) or `uploads/up_<hex>` (images
-# uploaded for a task); nothing else is ever stored or served.
-_KEY = re.compile(r"^(task-unified-\d+-[a-z0-9]{8}/\d{1,2}\.png|uploads/up_[0-9a-f]{24})$")
+# Keys look like `<task id>/<index>-<run>.png` (results; `<task id>/<index>.png` from
+# before runs were tagged) or `uploads/up_<hex>` (images uploaded for a task);
+# nothing else is ever stored or served.
+_KEY = re.compile(
+    r"^(task-unified-\d+-[a-z0-9]{8}/\d{1,2}(-[0-9a-f]{8})?\.png|uploads/up_[0-9a-f]{24})$"
+)
+_TASK_ID = re.compile(r"^task-unified-\d+-[a-z0-9]{8}$")
 UPLOADS = "uploads/"
 # Below this much free space a local result volume cannot take a result image
 # (a 1024x1024 PNG is about 1-3 MB): `/readyz` reports it as full.
 MIN_FREE_BYTES = 1 << 20
 
 
-def result_key(task_id: str, index: int) -> str:
-    """Where a task's result image number `index` is stored (every attempt alike)."""
-    return f"{task_id}/{index}.png"
+def new_run() -> str:
+    """The tag of one attempt at a task: its results are its own, so an attempt
+    that lost its lease can neither overwrite nor delete the results of another."""
+    return secrets.token_hex(4)
+
+
+def result_key(task_id: str, index: int, run: str) -> str:
+    """Where attempt `run` of a task stores its result image number `index`."""
+    return f"{task_id}/{index}-{run}.png"
+
+
+def task_prefix(task_id: str) -> str:
+    """Where every result object of a task lives (all attempts)."""
+    if not _TASK_ID.match(task_id):
+        raise ValueError(f"not a task id: {task_id!r}")
+    return f"{task_id}/"
 
 
 class ResultStorage(Protocol):
-    def put(self, task_id: str, index: int, data: bytes) -> str:
-        """Store one result image; return its key."""
+    def put(self, task_id: str, index: int, data: bytes, run: str) -> str:
+        """Store one result image of attempt `run`; return its key."""
         ...
 
     def delete(self, keys: list[str]) -> None: ...
+
+    def delete_task(self, task_id: str, keep: Collection[str] = ()) -> int:
+        """Delete every result object stored for a task, whichever attempt stored
+        it, except the keys in `keep`; return how many."""
+        ...
 
     def put_object(self, key: str, data: bytes, content_type: str) -> None:
         """Store bytes under a key of the allowed shapes (uploads)."""
@@ -108,8 +132,8 @@ class LocalResultStorage:
         self._signing_key = signing_key
         self._clock = clock
 
-    def put(self, task_id: str, index: int, data: bytes) -> str:
-        key = result_key(task_id, index)
+    def put(self, task_id: str, index: int, data: bytes, run: str) -> str:
+        key = result_key(task_id, index, run)
         self.put_object(key, data, "image/png")
         return key
 
@@ -150,6 +174,20 @@ class LocalResultStorage:
         for folder in folders:
             if folder.is_dir() and not any(folder.iterdir()):
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def delete_task(self, task_id: str, keep: Collection[str] = ()) -> int:
+        folder = self.root / task_prefix(task_id)
+        if not folder.is_dir():
+            return 0
+        kept = {self._path(key) for key in keep}
+        deleted = 0
+        for path in folder.iterdir():  # results, and the temporary files of a killed write
+            if path not in kept and path.is_file():
+                path.unlink(missing_ok=True)
+                deleted += 1
+        if not any(folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+        return deleted
 
     def link(self, base_url: str, key: str, expires_at: datetime) -> str:
         expires = int(expires_at.timestamp())

@@ -35,10 +35,10 @@ from retouch.logs import RepeatedFailure, context
 from retouch.metrics import STAGE_SECONDS, STEP_SECONDS, TASKS_FINISHED
 from retouch.models import ModelSpec
 from retouch.prompts import ensure_prompt_fits
-from retouch.storage import ResultStorage
+from retouch.storage import ResultStorage, new_run
 from retouch.store import Store
 from retouch.store.notify import Wakeups
-from retouch.tasks import MAX_SEED, Task, TaskError, TaskStatus
+from retouch.tasks import MAX_SEED, Task, TaskError
 from retouch.uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ class _TaskRun:
         self._reported = self.task.progress
         self._last_step = time.perf_counter()
         self._store_down = False
+        self.run = new_run()
 
     def execute(self) -> None:
         try:
@@ -333,45 +334,29 @@ class _TaskRun:
         try:
             with STAGE_SECONDS.labels("upload").time():
                 for index, image in enumerate(outputs):
-                    keys.append(worker.storage.put(self.task.id, index, encode_png(image)))
+                    data = encode_png(image)
+                    keys.append(worker.storage.put(self.task.id, index, data, self.run))
         except Exception as exc:
             log.exception("task %s: storing the results failed", self.task.id)
             with contextlib.suppress(Exception):
-                self._discard(keys)
+                worker.storage.delete(keys)
             if self.store.fail(self.task.id, worker.worker_id, storage_error(exc)):
                 TASKS_FINISHED.labels("failed").inc()
             return
         expires = worker.clock.now() + timedelta(seconds=worker.config.result_ttl_seconds)
         if not self.store.complete(self.task.id, worker.worker_id, keys, expires):
-            # The lease was lost (we were presumed dead): the task is someone else's now.
-            dropped = self._discard(keys)
-            log.warning(
-                "task %s: lease lost before completion; results %s",
-                self.task.id,
-                "dropped" if dropped else "left to the attempt that has the task now",
-            )
+            # The lease was lost (we were presumed dead): the task is someone else's
+            # now. Our results are ours alone (tagged with our run), so drop them.
+            worker.storage.delete(keys)
+            log.warning("task %s: lease lost before completion; results dropped", self.task.id)
             return
         TASKS_FINISHED.labels("completed").inc()
         log.info("task %s: completed with %d result(s)", self.task.id, len(keys))
-
-    def _discard(self, keys: list[str]) -> bool:
-        """Delete the result images this attempt stored, unless another attempt uses
-        them: every attempt stores a task's results under the same keys, so once
-        another one holds the task or has completed it, they are its. (A task that
-        ends without results has them swept by the janitor.) True if deleted."""
-        if keys and self._another_attempt_has_the_task():
-            return False
-        self.worker.storage.delete(keys)
-        return True
-
-    def _another_attempt_has_the_task(self) -> bool:
-        """Completed, queued again, or leased to another worker."""
-        task = self.store.get_task(self.task.id)
-        if task is None:
-            return False
-        if task.status is TaskStatus.COMPLETED:
-            return True
-        return not task.status.is_terminal and task.lease_owner != self.worker.worker_id
+        try:
+            # What an earlier attempt, killed while storing, left behind.
+            worker.storage.delete_task(self.task.id, keep=keys)
+        except Exception:
+            log.warning("task %s: sweeping earlier attempts failed", self.task.id, exc_info=True)
 
     def _interrupted(self) -> None:
         worker_id = self.worker.worker_id

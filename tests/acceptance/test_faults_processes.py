@@ -16,6 +16,7 @@ the uploading process is provably inside the result upload when it is killed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -210,6 +211,19 @@ def _sqlite(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'retouch.db').resolve()}"
 
 
+def _result_keys(database_url: str, task_id: str) -> set[str]:
+    """The keys of the results a task was completed with (its attempt's run tag in each)."""
+    rows = _query(database_url, "SELECT result_keys FROM tasks WHERE id = :id", id=task_id)
+    keys = rows[0]["result_keys"]
+    return set(json.loads(keys) if isinstance(keys, str) else keys or [])
+
+
+def _first_result_only(objects: set[str], task_id: str) -> None:
+    """Exactly one object: the first result image of one attempt at the task."""
+    assert len(objects) == 1, objects
+    assert re.fullmatch(rf"results/{task_id}/0-[0-9a-f]{{8}}\.png", objects.pop()), objects
+
+
 def _task_row(database_url: str, task_id: str) -> dict[str, Any]:
     rows = _query(
         database_url,
@@ -369,7 +383,8 @@ def test_kill_9_mid_client_upload_leaves_no_partial_file(tmp_path: Path) -> None
         detail = _finished(server, headers, task_id)
         assert detail["status"] == "completed", detail
         _downloads(detail["results"])
-        assert _files(data_dir / "results") == {f"uploads/{uploaded['id']}", f"{task_id}/0.png"}
+        results = _result_keys(_sqlite(data_dir), task_id)
+        assert _files(data_dir / "results") == {f"uploads/{uploaded['id']}", *results}
     finally:
         server.stop()
 
@@ -379,7 +394,7 @@ def test_kill_9_mid_client_upload_leaves_no_partial_file(tmp_path: Path) -> None
 
 def _second_result_put(bucket: str, prefix: str) -> re.Pattern[bytes]:
     """The request that stores a task's second result image."""
-    return re.compile(rf"PUT /{bucket}/{prefix}/task-unified-[^/ ]+/1\.png ".encode())
+    return re.compile(rf"PUT /{bucket}/{prefix}/task-unified-[^/ ]+/1-[0-9a-f]{{8}}\.png ".encode())
 
 
 @pytest.mark.parametrize("max_attempts", [2, 1], ids=["runs-again", "given-up"])
@@ -411,13 +426,13 @@ def test_kill_9_mid_result_upload_then_restart(
         task_id = _submit(killed, headers, body)
         wait_for(proxy.stalled.is_set, timeout=30, what="the second result upload to stall")
         assert _detail(killed, headers, task_id)["status"] == "processing"
-        assert _objects(seaweedfs, bucket) == {f"results/{task_id}/0.png"}
+        _first_result_only(_objects(seaweedfs, bucket), task_id)
         assert killed.kill(signal.SIGKILL) == -signal.SIGKILL
         # The worker child follows the server down; its connection goes with it.
         wait_for(proxy.dropped.is_set, timeout=30, what="the killed upload to hang up")
     finally:
         killed.stop()
-    assert _objects(seaweedfs, bucket) == {f"results/{task_id}/0.png"}  # no half object
+    _first_result_only(_objects(seaweedfs, bucket), task_id)  # no half object
 
     server = ServeProcess(data_dir, *args, env=_s3_env(seaweedfs))
     server.start()
@@ -428,8 +443,9 @@ def test_kill_9_mid_result_upload_then_restart(
             assert detail["status"] == "completed", detail
             assert row["attempts"] == 2
             _downloads(detail["results"])
-            expected = {f"results/{task_id}/0.png", f"results/{task_id}/1.png"}
-            assert _objects(seaweedfs, bucket) == expected
+            # The results of the attempt that completed, and nothing of the killed one.
+            expected = {f"results/{key}" for key in _result_keys(_sqlite(data_dir), task_id)}
+            assert len(expected) == 2 and _objects(seaweedfs, bucket) == expected
             assert _ledger_kinds(_sqlite(data_dir)) == {"reserve": 1, "capture": 1}
         else:
             assert detail["status"] == "failed", detail
@@ -486,7 +502,7 @@ def test_kill_9_worker_during_finalize(
         wait_for(proxy.stalled.is_set, timeout=30, what="the second result upload to stall")
         row = _task_row(database_url, task_id)
         assert row["status"] == "processing" and row["lease_owner"] in killed.log()
-        assert _objects(seaweedfs, bucket) == {f"results/{task_id}/0.png"}
+        _first_result_only(_objects(seaweedfs, bucket), task_id)
         assert killed.kill(signal.SIGKILL) == -signal.SIGKILL
         wait_for(proxy.dropped.is_set, timeout=30, what="the killed upload to hang up")
         rescuer.start()
@@ -497,8 +513,8 @@ def test_kill_9_worker_during_finalize(
             assert detail["status"] == "completed", detail
             assert row["lease_owner"] is None
             _downloads(detail["results"])
-            expected = {f"results/{task_id}/0.png", f"results/{task_id}/1.png"}
-            assert _objects(seaweedfs, bucket) == expected
+            expected = {f"results/{key}" for key in _result_keys(database_url, task_id)}
+            assert len(expected) == 2 and _objects(seaweedfs, bucket) == expected
             assert _ledger_kinds(database_url) == {"reserve": 1, "capture": 1}
         else:
             assert detail["status"] == "failed", detail
@@ -558,8 +574,9 @@ def test_a_worker_frozen_during_finalize_leaves_the_winners_results_alone(
             timeout=60,
             what="the frozen worker to wake up and find its lease gone",
         )
-        expected = {f"results/{task_id}/0.png", f"results/{task_id}/1.png"}
-        assert _objects(seaweedfs, bucket) == expected
+        # Only the winner's results: the frozen attempt's were its own, and are gone.
+        expected = {f"results/{key}" for key in _result_keys(database_url, task_id)}
+        assert len(expected) == 2 and _objects(seaweedfs, bucket) == expected
         _downloads(_detail(api, headers, task_id)["results"])
         assert _task_row(database_url, task_id)["attempts"] == 2
         assert _ledger_kinds(database_url) == {"reserve": 1, "capture": 1}
@@ -629,7 +646,9 @@ def test_postgres_restart_while_tasks_run(
         assert worker.process is not None and worker.process.poll() is None
         _ledger_check(database_url, tmp_path / "cli")
         assert _ledger_kinds(database_url) == {"reserve": 3, "capture": 3}
-        assert _files(results) == {f"{task_id}/0.png" for task_id in completed}
+        assert _files(results) == {
+            key for task_id in completed for key in _result_keys(database_url, task_id)
+        }
         # The outage is told once per retrying loop, with its traceback, then once
         # more when it is over, not at every retry.
         for process in (api, worker):

@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -86,7 +87,9 @@ def test_kill_9_mid_denoise_then_restart_runs_every_task(tmp_path: Path) -> None
         # Nothing of the killed attempt is left beside the results: no partial file.
         results = data_dir / "results"
         stored = {str(path.relative_to(results)) for path in results.rglob("*") if path.is_file()}
-        assert stored == {f"{rerun['id']}/0.png", f"{after['id']}/0.png"}
+        linked = {urlsplit(link).path.removeprefix("/v1/files/") for link in rerun["results"]}
+        linked |= {urlsplit(link).path.removeprefix("/v1/files/") for link in after["results"]}
+        assert len(linked) == 2 and stored == linked
         assert httpx.get(f"{fast.url}/readyz").status_code == 200
     finally:
         fast.stop()

@@ -264,7 +264,9 @@ def test_tampered_links_are_refused(api: Api, image_host: ImageHost) -> None:
     task = create(api, edit([image_host.add("/a.png", png_bytes())]))
     link = wait_status(api, task["id"], "completed")["results"][0]
     later = re.sub(r"expires=(\d+)", lambda m: f"expires={int(m[1]) + 86400}", link)
-    for bad in [later, link.replace("/0.png", "/1.png"), link[:-2] + "00", link.split("?")[0]]:
+    sibling = re.sub(r"/0-([0-9a-f]{8})\.png", r"/1-\1.png", link)
+    assert sibling != link
+    for bad in [later, sibling, link[:-2] + "00", link.split("?")[0]]:
         assert_error(httpx.get(bad), 403, "permission_error", "signature")
 
 

@@ -37,6 +37,7 @@ from tests.seaweed import (
 from tests.support import LiveServer, free_port, pending_task, png_bytes
 
 TASK = "task-unified-1767225600-abcd1234"
+RUN = "0123abcd"  # one attempt's tag
 PREFIX = "retouch/results"
 SIGNING_KEY = b"test-secret"
 SPEC = ModelSpec(name="qwen-image-edit", checkpoint="fixture", steps=4, price=1.5)
@@ -161,8 +162,8 @@ def later(backend: Backend, **delta: float) -> datetime:
 
 
 def test_put_returns_the_key_and_the_link_downloads_the_bytes(backend: Backend) -> None:
-    key = backend.storage.put(TASK, 0, PNG)
-    assert key == f"{TASK}/0.png"
+    key = backend.storage.put(TASK, 0, PNG, RUN)
+    assert key == f"{TASK}/0-{RUN}.png"
     assert backend.stored() == in_store(backend, key)
     response = httpx.get(backend.storage.link(backend.base_url, key, later(backend, hours=24)))
     assert response.status_code == 200
@@ -171,26 +172,26 @@ def test_put_returns_the_key_and_the_link_downloads_the_bytes(backend: Backend) 
 
 
 def test_put_replaces_an_existing_result(backend: Backend) -> None:
-    key = backend.storage.put(TASK, 1, b"first")
-    assert backend.storage.put(TASK, 1, PNG) == key
+    key = backend.storage.put(TASK, 1, b"first", RUN)
+    assert backend.storage.put(TASK, 1, PNG, RUN) == key
     link = backend.storage.link(backend.base_url, key, later(backend, hours=1))
     assert httpx.get(link).content == PNG
 
 
 def test_altered_links_are_refused(backend: Backend) -> None:
-    key = backend.storage.put(TASK, 0, PNG)
-    backend.storage.put(TASK, 1, b"another result")
+    key = backend.storage.put(TASK, 0, PNG, RUN)
+    backend.storage.put(TASK, 1, b"another result", RUN)
     link = backend.storage.link(backend.base_url, key, later(backend, hours=1))
     assert httpx.get(link).status_code == 200
     flipped = link[:-1] + ("0" if link[-1] != "0" else "1")  # the signature ends the URL
-    other_file = link.replace(f"{TASK}/0.png", f"{TASK}/1.png")
+    other_file = link.replace(f"{TASK}/0-{RUN}.png", f"{TASK}/1-{RUN}.png")
     for altered in (flipped, other_file):
         assert altered != link
         assert httpx.get(altered).status_code == 403, altered
 
 
 def test_expired_links_are_refused(backend: Backend) -> None:
-    key = backend.storage.put(TASK, 0, PNG)
+    key = backend.storage.put(TASK, 0, PNG, RUN)
     link = backend.storage.link(backend.base_url, key, later(backend, seconds=1))
     backend.outlive(link)
     response = httpx.get(link)
@@ -199,23 +200,44 @@ def test_expired_links_are_refused(backend: Backend) -> None:
 
 
 def test_delete_removes_the_results_and_ignores_missing_ones(backend: Backend) -> None:
-    keys = [backend.storage.put(TASK, index, PNG) for index in range(3)]
+    keys = [backend.storage.put(TASK, index, PNG, RUN) for index in range(3)]
     link = backend.storage.link(backend.base_url, keys[0], later(backend, hours=1))
     backend.storage.delete(keys[:2])
     assert backend.stored() == in_store(backend, keys[2])
     assert httpx.get(link).status_code == 404
-    backend.storage.delete([*keys, "task-unified-1767225600-zzzz9999/0.png"])
+    backend.storage.delete([*keys, f"task-unified-1767225600-zzzz9999/0-{RUN}.png"])
     assert backend.stored() == set()
     backend.storage.delete([])
 
 
+def test_delete_task_removes_every_attempts_results_but_those_kept(backend: Backend) -> None:
+    """Each attempt stores under its own run tag; a task's objects are swept whole
+    (keeping the results of the attempt that completed it), legacy keys included."""
+    mine = [backend.storage.put(TASK, index, PNG, "aaaa1111") for index in range(2)]
+    left = backend.storage.put(TASK, 0, b"a killed attempt's", "bbbb2222")
+    backend.storage.put_object(f"{TASK}/1.png", PNG, "image/png")  # stored before run tags
+    other = backend.storage.put("task-unified-1767225600-zzzz9999", 0, PNG, "aaaa1111")
+    assert left not in mine and len(backend.stored()) == 5
+    assert backend.storage.delete_task(TASK, keep=mine) == 2
+    assert backend.stored() == in_store(backend, *mine, other)
+    assert backend.storage.delete_task(TASK) == 2
+    assert backend.stored() == in_store(backend, other)
+    assert backend.storage.delete_task(TASK) == 0
+
+
 def test_keys_outside_the_pattern_are_refused(backend: Backend) -> None:
-    for task_id, index in [("../../etc", 0), ("task-unified-1-ABCDEFGH", 0), (TASK, 100)]:
+    for task_id, index, run in [
+        ("../../etc", 0, RUN), ("task-unified-1-ABCDEFGH", 0, RUN), (TASK, 100, RUN),
+        (TASK, 0, "../../x"), (TASK, 0, "ABCDEFGH"),
+    ]:  # fmt: skip
         with pytest.raises(ValueError, match="not a result key"):
-            backend.storage.put(task_id, index, PNG)
+            backend.storage.put(task_id, index, PNG, run)
     for key in ["../../etc/passwd", f"{TASK}/0.jpg", f"/{TASK}/0.png", f"{TASK}/../0.png"]:
         with pytest.raises(ValueError, match="not a result key"):
             backend.storage.delete([key])
+    for task_id in ["../../etc", "task-unified-1-ABCDEFGH", f"{TASK}/.."]:
+        with pytest.raises(ValueError, match="not a task id"):
+            backend.storage.delete_task(task_id)
     assert backend.stored() == set()
 
 
@@ -230,7 +252,7 @@ def test_the_janitor_deletes_expired_results(
     task = completed_task(store, key, backend.storage, results=2, ttl_seconds=3600)
     janitor = Janitor(store, backend.storage, max_attempts=2, interval_seconds=60)
     assert janitor.purge_expired_results() == 0
-    assert backend.stored() == in_store(backend, f"{task.id}/0.png", f"{task.id}/1.png")
+    assert backend.stored() == in_store(backend, *task_keys(store, task.id))
     clock.advance(3600)
     assert janitor.purge_expired_results() == 1
     assert backend.stored() == set()
@@ -249,13 +271,13 @@ def test_the_janitor_deletes_what_a_killed_attempt_left_of_a_failed_task(
     task = pending_task(key, clock.now(), params, credits=2.0, model=SPEC.name)
     store.create_task(task)
     assert store.claim_next("killed-worker", 30.0) is not None
-    backend.storage.put(task.id, 0, PNG)  # ... and the worker dies here
+    backend.storage.put(task.id, 0, PNG, RUN)  # ... and the worker dies here
     janitor = Janitor(store, backend.storage, max_attempts=1, interval_seconds=60)
     assert janitor.purge_abandoned_results() == 0  # the task may still complete
     clock.advance(31)
     assert janitor.reap_leases() == 1
     assert janitor.purge_abandoned_results() == 1
-    assert backend.stored() == in_store(backend, f"{done.id}/0.png")
+    assert backend.stored() == in_store(backend, *task_keys(store, done.id))
     assert janitor.purge_abandoned_results() == 0
 
 
@@ -267,9 +289,15 @@ def completed_task(
     task = pending_task(key, now, params, credits=float(results), model=SPEC.name)
     store.create_task(task)
     assert store.claim_next("w1", 30.0) is not None
-    keys = [storage.put(task.id, index, PNG) for index in range(results)]
+    keys = [storage.put(task.id, index, PNG, RUN) for index in range(results)]
     store.complete(task.id, "w1", keys, now + timedelta(seconds=ttl_seconds))
     return task
+
+
+def task_keys(store: Store, task_id: str) -> list[str]:
+    task = store.get_task(task_id)
+    assert task is not None
+    return task.result_keys
 
 
 # -- local only -----------------------------------------------------------
@@ -302,26 +330,29 @@ def test_s3_objects_land_under_the_prefix(s3: tuple[SeaweedS3, Any, str]) -> Non
     clock = FakeClock()
     nested = S3ResultStorage(bucket, "/a/b/", clock, endpoint_url=seaweedfs.endpoint_url)
     bare = S3ResultStorage(bucket, "", clock, endpoint_url=seaweedfs.endpoint_url)
-    assert nested.put(TASK, 0, PNG) == f"{TASK}/0.png"
-    assert bare.put(TASK, 1, PNG) == f"{TASK}/1.png"
-    assert listed(client, bucket) == {f"a/b/{TASK}/0.png", f"{TASK}/1.png"}
-    head = client.head_object(Bucket=bucket, Key=f"a/b/{TASK}/0.png")
+    zero, one = f"{TASK}/0-{RUN}.png", f"{TASK}/1-{RUN}.png"
+    assert nested.put(TASK, 0, PNG, RUN) == zero
+    assert bare.put(TASK, 1, PNG, RUN) == one
+    assert listed(client, bucket) == {f"a/b/{zero}", one}
+    head = client.head_object(Bucket=bucket, Key=f"a/b/{zero}")
     assert head["ContentType"] == "image/png"
     assert head["ContentLength"] == len(PNG)
-    assert "/a/b/" in nested.link("", f"{TASK}/0.png", clock.now() + timedelta(hours=1))
-    bare.delete([f"{TASK}/0.png", f"{TASK}/1.png"])  # not the nested one
-    assert listed(client, bucket) == {f"a/b/{TASK}/0.png"}
+    assert "/a/b/" in nested.link("", zero, clock.now() + timedelta(hours=1))
+    bare.delete([zero, one])  # not the nested one
+    assert listed(client, bucket) == {f"a/b/{zero}"}
+    assert bare.delete_task(TASK) == 0 and nested.delete_task(TASK) == 1
+    assert listed(client, bucket) == set()
 
 
 def test_s3_links_last_from_the_clock_until_they_expire(s3: tuple[SeaweedS3, Any, str]) -> None:
     seaweedfs, _client, bucket = s3
     clock = FakeClock(datetime(2020, 5, 1, tzinfo=UTC))  # far from real time
     storage = S3ResultStorage(bucket, "", clock, endpoint_url=seaweedfs.endpoint_url)
-    key = storage.put(TASK, 0, PNG)
+    key = storage.put(TASK, 0, PNG, RUN)
 
     def expires_in(expires_at: datetime) -> int:
         link = storage.link("http://ignored", key, expires_at)
-        assert link.startswith(f"{seaweedfs.endpoint_url}/{bucket}/{TASK}/0.png?")
+        assert link.startswith(f"{seaweedfs.endpoint_url}/{bucket}/{key}?")
         return int(parse_qs(urlsplit(link).query)["X-Amz-Expires"][0])
 
     assert expires_in(clock.now() + timedelta(hours=24)) == 24 * 3600

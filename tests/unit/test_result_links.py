@@ -13,6 +13,7 @@ from retouch.errors import NotFoundError, PermissionDeniedError
 from retouch.storage import LocalResultStorage
 
 TASK = "task-unified-1767225600-abcd1234"
+RUN = "0123abcd"
 
 
 def parts(link: str) -> tuple[str, int, str]:
@@ -28,9 +29,9 @@ def storage(tmp_path: Path, clock: FakeClock) -> LocalResultStorage:
 
 
 def test_link_opens_until_it_expires(storage: LocalResultStorage, clock: FakeClock) -> None:
-    key = storage.put(TASK, 0, b"png-bytes")
+    key = storage.put(TASK, 0, b"png-bytes", RUN)
     link = storage.link("http://host:8000/", key, clock.now() + timedelta(hours=24))
-    assert link.startswith(f"http://host:8000/v1/files/{TASK}/0.png?expires=")
+    assert link.startswith(f"http://host:8000/v1/files/{TASK}/0-{RUN}.png?expires=")
     path = storage.open_signed(*parts(link))
     assert path.read_bytes() == b"png-bytes"
     clock.advance(24 * 3600 - 1)
@@ -41,12 +42,12 @@ def test_link_opens_until_it_expires(storage: LocalResultStorage, clock: FakeClo
 
 
 def test_altered_links_are_refused(storage: LocalResultStorage, clock: FakeClock) -> None:
-    key = storage.put(TASK, 0, b"png")
-    storage.put(TASK, 1, b"other")
+    key = storage.put(TASK, 0, b"png", RUN)
+    storage.put(TASK, 1, b"other", RUN)
     key_, expires, signature = parts(storage.link("http://h", key, clock.now() + timedelta(1)))
     for attempt in [
         (key_, expires + 3600, signature),
-        (f"{TASK}/1.png", expires, signature),
+        (f"{TASK}/1-{RUN}.png", expires, signature),
         (key_, expires, signature[:-1] + ("0" if signature[-1] != "0" else "1")),
         ("../../etc/passwd", expires, signature),
     ]:
@@ -57,13 +58,13 @@ def test_altered_links_are_refused(storage: LocalResultStorage, clock: FakeClock
 def test_another_secret_signs_differently(tmp_path: Path, clock: FakeClock) -> None:
     one = LocalResultStorage(tmp_path, b"one", clock)
     two = LocalResultStorage(tmp_path, b"two", clock)
-    key = one.put(TASK, 0, b"png")
+    key = one.put(TASK, 0, b"png", RUN)
     with pytest.raises(PermissionDeniedError):
         two.open_signed(*parts(one.link("http://h", key, clock.now() + timedelta(1))))
 
 
 def test_deleted_result_is_not_found(storage: LocalResultStorage, clock: FakeClock) -> None:
-    key = storage.put(TASK, 0, b"png")
+    key = storage.put(TASK, 0, b"png", RUN)
     link = storage.link("http://h", key, clock.now() + timedelta(1))
     storage.delete([key])
     assert not (storage.root / TASK).exists()

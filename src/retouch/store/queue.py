@@ -38,7 +38,7 @@ from retouch.store import ledger, notify, outbox
 from retouch.store.base import StoreBase
 from retouch.store.rows import error_values, task_from_row
 from retouch.store.schema import accounts, idempotency_keys, tasks
-from retouch.tasks import EditParams, Task, TaskError, TaskStatus
+from retouch.tasks import Task, TaskError, TaskStatus
 
 # The hot read paths' statements, built once (building one costs as much as
 # running it on SQLite).
@@ -434,12 +434,12 @@ class TaskQueue(StoreBase):
         with self._read() as conn:
             return [(row.id, list(row.result_keys or [])) for row in conn.execute(query)]
 
-    def abandoned_results(self, limit: int = 500) -> list[tuple[str, int]]:
+    def abandoned_results(self, limit: int = 500) -> list[str]:
         """Tasks that ended without results after a worker had run them (failed or
         cancelled), not yet swept: an attempt killed while storing its images may
-        have left some. Each with how many images it asked for."""
+        have left some."""
         query = (
-            select(tasks.c.id, tasks.c.params)
+            select(tasks.c.id)
             .where(
                 tasks.c.results_purged.is_(False),
                 tasks.c.status.in_((TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)),
@@ -448,7 +448,7 @@ class TaskQueue(StoreBase):
             .limit(limit)
         )
         with self._read() as conn:
-            return [(row.id, EditParams.from_json(row.params).n) for row in conn.execute(query)]
+            return list(conn.scalars(query))
 
     def mark_results_purged(self, task_ids: Sequence[str]) -> None:
         if not task_ids:
