@@ -228,14 +228,22 @@ class WorkerProcess(ServeProcess):
 
 
 def retouch_cli(
-    *args: str, check: bool = True, timeout: float = 120
+    *args: str,
+    check: bool = True,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """`python -m retouch ARGS`, its output captured; nothing on its stdin."""
     return subprocess.run(
         [sys.executable, "-m", "retouch", *args],
         capture_output=True,
         text=True,
         check=check,
         timeout=timeout,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
     )
 
 

@@ -36,10 +36,10 @@ class Janitor:
     def purge_expired_results(self) -> int:
         purged = 0
         while batch := self.store.expired_results():
-            for task_id, _keys in batch:
+            for task_id in batch:
                 # Every object of the task: its results and any a late attempt left.
                 self.storage.delete_task(task_id)
-            self.store.mark_results_purged([task_id for task_id, _ in batch])
+            self.store.mark_results_purged(batch)
             purged += len(batch)
         if purged:
             log.info("janitor: deleted the expired results of %d task(s)", purged)

@@ -106,6 +106,13 @@ def _write_beside(path: Path, data: bytes) -> None:
         raise
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a folder that holds nothing; one that holds a file (written meanwhile,
+    say) or is gone already stays as it is."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def open_storage(
     location: str | None, default_dir: Path, signing_key: bytes, clock: Clock, **s3: str | None
 ) -> ResultStorage:
@@ -144,10 +151,8 @@ class LocalResultStorage:
             _write_beside(path, data)
         except BaseException:
             if not key.startswith(UPLOADS):
-                # A failed put leaves no task folder behind (a full disk, say); rmdir
-                # keeps one that already holds results stored before this one.
-                with contextlib.suppress(OSError):
-                    path.parent.rmdir()
+                # A failed put leaves no task folder behind (a full disk, say).
+                _remove_if_empty(path.parent)
             raise
 
     def get_object(self, key: str) -> bytes:
@@ -172,8 +177,7 @@ class LocalResultStorage:
             path.unlink(missing_ok=True)
             folders.add(path.parent)
         for folder in folders:
-            if folder.is_dir() and not any(folder.iterdir()):
-                shutil.rmtree(folder, ignore_errors=True)
+            _remove_if_empty(folder)
 
     def delete_task(self, task_id: str, keep: Collection[str] = ()) -> int:
         folder = self.root / task_prefix(task_id)
@@ -185,8 +189,7 @@ class LocalResultStorage:
             if path not in kept and path.is_file():
                 path.unlink(missing_ok=True)
                 deleted += 1
-        if not any(folder.iterdir()):
-            shutil.rmtree(folder, ignore_errors=True)
+        _remove_if_empty(folder)
         return deleted
 
     def link(self, base_url: str, key: str, expires_at: datetime) -> str:

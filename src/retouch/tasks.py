@@ -112,5 +112,10 @@ class Task:
         return int(self.created_at.timestamp())
 
     @property
+    def queue_order(self) -> tuple[datetime, str]:
+        """Pending tasks are claimed in this order (vip ones with their head start)."""
+        return (self.priority_at or self.created_at, self.id)
+
+    @property
     def can_cancel(self) -> bool:
         return not self.status.is_terminal and not self.cancel_requested

@@ -257,7 +257,12 @@ class _TaskRun:
         self.store = worker.store
         self._reported = self.task.progress
         self._last_step = time.perf_counter()
-        self._store_down = False
+        # The database going away (restarting, say) is no engine failure: the task
+        # carries on. Its lease keeper renews the lease once the database is back,
+        # and finishing it is conditional on still holding that lease.
+        self._store_failures = RepeatedFailure(
+            log, f"task {self.task.id}: reaching the database (the task carries on)"
+        )
         self.run = new_run()
 
     def execute(self) -> None:
@@ -281,10 +286,10 @@ class _TaskRun:
             return True
         try:
             stop = self.store.should_stop(self.task.id, self.worker.worker_id)
-        except Exception:
-            self._store_unreachable()
+        except Exception as exc:
+            self._store_failures.failed(exc)
             return False
-        self._store_down = False
+        self._store_failures.succeeded()
         return stop
 
     def on_step(self, done: int, total: int) -> None:
@@ -298,20 +303,11 @@ class _TaskRun:
                 self.store.set_progress(
                     self.task.id, self.worker.worker_id, progress, self.worker.config.lease_seconds
                 )
-            except Exception:
-                self._store_unreachable()
+            except Exception as exc:
+                self._store_failures.failed(exc)
                 return
+            self._store_failures.succeeded()
             self._reported = progress
-
-    def _store_unreachable(self) -> None:
-        """The database is away (restarting, say): that is no engine failure, so the
-        task carries on. Its lease keeper renews the lease once the database is
-        back, and finishing it is conditional on still holding that lease."""
-        if not self._store_down:
-            self._store_down = True
-            log.warning(
-                "task %s: the database is unreachable; carrying on", self.task.id, exc_info=True
-            )
 
     def _job(self) -> EditJob:
         params = self.task.params

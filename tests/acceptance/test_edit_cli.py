@@ -63,15 +63,7 @@ def photo(tmp_path: Path) -> Path:
 def cli(
     *args: str, env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "retouch", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        timeout=60,
-    )
+    return retouch_cli(*args, check=False, timeout=60, env=env, cwd=cwd)
 
 
 def test_an_edit_is_uploaded_waited_for_and_saved(

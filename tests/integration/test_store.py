@@ -220,7 +220,7 @@ def test_expired_results_listed_until_purged(store: Store, key: ApiKey, clock: F
     store.complete(task.id, "w1", [f"{task.id}/0.png"], clock.now() + timedelta(hours=1))
     assert store.expired_results() == []
     clock.advance(3601)
-    assert store.expired_results() == [(task.id, [f"{task.id}/0.png"])]
+    assert store.expired_results() == [task.id]
     store.mark_results_purged([task.id])
     assert store.expired_results() == []
 

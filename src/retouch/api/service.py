@@ -133,7 +133,7 @@ class TaskService:
         candidates = [task for task in unfinished if task.status is TaskStatus.PROCESSING]
         first_pending: dict[str, Task] = {}
         pending = (task for task in unfinished if task.status is TaskStatus.PENDING)
-        for task in sorted(pending, key=lambda t: (t.priority_at or t.created_at, t.id)):
+        for task in sorted(pending, key=lambda t: t.queue_order):
             first_pending.setdefault(task.model, task)
         candidates += first_pending.values()
         return min((self.estimated_time(task) for task in candidates), default=1)

@@ -230,7 +230,8 @@ class TaskQueue(StoreBase):
 
     def queue_position(self, task: Task) -> int:
         """How many pending tasks will be started before this one."""
-        values = {"priority_at": task.priority_at or task.created_at, "task_id": task.id}
+        priority_at, task_id = task.queue_order
+        values = {"priority_at": priority_at, "task_id": task_id}
         with self._read() as conn:
             return int(conn.execute(_QUEUE_AHEAD, values).scalar_one())
 
@@ -422,9 +423,10 @@ class TaskQueue(StoreBase):
 
     # -- results housekeeping ----------------------------------------------
 
-    def expired_results(self, limit: int = 500) -> list[tuple[str, list[str]]]:
+    def expired_results(self, limit: int = 500) -> list[str]:
+        """Completed tasks whose results have expired, not yet purged."""
         query = (
-            select(tasks.c.id, tasks.c.result_keys)
+            select(tasks.c.id)
             .where(
                 tasks.c.results_purged.is_(False),
                 tasks.c.results_expire_at <= self.clock.now(),
@@ -432,7 +434,7 @@ class TaskQueue(StoreBase):
             .limit(limit)
         )
         with self._read() as conn:
-            return [(row.id, list(row.result_keys or [])) for row in conn.execute(query)]
+            return list(conn.scalars(query))
 
     def abandoned_results(self, limit: int = 500) -> list[str]:
         """Tasks that ended without results after a worker had run them (failed or
