@@ -49,11 +49,10 @@ def create_app(
     app.state.services = service
     app.state.admin = admin
     app.state.metrics_registry = store_registry(service.store)
-    install_error_handlers(app)
-    app.include_router(router)
-    app.include_router(admin_router)
-    app.include_router(playground_router)
-    app.state.routes = [*router.routes, *admin_router.routes, *playground_router.routes]
+    routers = (router, admin_router, playground_router)
+    for included in routers:
+        app.include_router(included)
+    install_error_handlers(app, [route for included in routers for route in included.routes])
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     def openapi() -> dict[str, Any]:

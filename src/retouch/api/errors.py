@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import BaseRoute, Match, Route
 
 from retouch.errors import (
     InternalError,
@@ -34,12 +34,15 @@ def error_response(error: RetouchError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
+    """`routes`: every route the app serves (FastAPI may keep included routers' routes
+    nested), for the `Allow` header of a 405."""
+
     async def on_retouch_error(_request: Request, exc: Exception) -> JSONResponse:
         return error_response(cast(RetouchError, exc))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(_from_http(request, cast(StarletteHTTPException, exc)))
+        return error_response(_from_http(request, cast(StarletteHTTPException, exc), routes))
 
     async def on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
         return error_response(invalid_request(cast(RequestValidationError, exc).errors()))
@@ -80,12 +83,14 @@ def database_unavailable(exc: BaseException) -> bool:
     return exc.connection_invalidated or not str(exc.orig).lower().startswith("no such ")
 
 
-def _from_http(request: Request, exc: StarletteHTTPException) -> RetouchError:
+def _from_http(
+    request: Request, exc: StarletteHTTPException, routes: Sequence[BaseRoute]
+) -> RetouchError:
     route = f"{request.method} {request.url.path}"
     if exc.status_code == 404:
         return NotFoundError(f"No such endpoint: {route}")
     if exc.status_code == 405:
-        allowed = _allowed_methods(request)
+        allowed = _allowed_methods(request, routes)
         return MethodNotAllowedError(
             f"Method {request.method} is not allowed on {request.url.path}"
             + (f"; allowed: {allowed}" if allowed else ""),
@@ -96,13 +101,10 @@ def _from_http(request: Request, exc: StarletteHTTPException) -> RetouchError:
     return InvalidRequestError(str(exc.detail))
 
 
-def _allowed_methods(request: Request) -> str:
+def _allowed_methods(request: Request, routes: Sequence[BaseRoute]) -> str:
     """Every method some route serves at this path. Starlette's own `Allow` names only
-    the first route matching the path, and a path often has one route per method.
-    `app.state.routes` lists the routes of included routers (which FastAPI may keep
-    nested); an app without it is searched through its own routes."""
+    the first route matching the path, and a path often has one route per method."""
     methods: set[str] = set()
-    routes = getattr(request.app.state, "routes", None) or request.app.router.routes
     for route in routes:
         if isinstance(route, Route) and route.methods:
             if route.matches({**request.scope, "method": "GET"})[0] != Match.NONE:
