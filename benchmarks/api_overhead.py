@@ -255,21 +255,28 @@ def retouch_command(port: int, data_dir: Path) -> list[str]:
     return [*serve, *unlimited, "--data-dir", str(data_dir), "--port", str(port)]
 
 
-def create_api_key(data_dir: Path) -> str:
-    command = [sys.executable, "-m", "retouch", "keys", "create", "--name", "bench"]
-    command += ["--credits", "1000000000"]
+def retouch_cli(*args: str, timeout: float = STARTUP_TIMEOUT_SECONDS) -> str:
+    """Run `python -m retouch ARGS`; its stdout, or a StartupFailure."""
     completed = subprocess.run(
-        [*command, "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "retouch", *args],
         capture_output=True,
         text=True,
         check=False,
-        timeout=STARTUP_TIMEOUT_SECONDS,
+        timeout=timeout,
         env=child_environment(),
     )
-    lines = completed.stdout.split()
-    if completed.returncode != 0 or not lines:
-        raise StartupFailure(f"`retouch keys create` failed:\n{completed.stderr.strip()}")
-    return lines[0]
+    if completed.returncode != 0:
+        raise StartupFailure(f"`retouch {' '.join(args[:2])}` failed:\n{completed.stderr.strip()}")
+    return completed.stdout
+
+
+def create_api_key(data_dir: Path) -> str:
+    created = retouch_cli(
+        "keys", "create", "--name", "bench", "--credits", "1000000000", "--data-dir", str(data_dir)
+    )
+    if not created.split():
+        raise StartupFailure("`retouch keys create` printed no key")
+    return created.split()[0]
 
 
 def create_task(server: Server, key: str) -> str:

@@ -77,6 +77,7 @@ from api_overhead import (
     percentile_ms,
     ratio,
     read_response_body,
+    retouch_cli,
     run_event_loop,
     running,
     stop_process,
@@ -326,21 +327,6 @@ def spawn(
     return Server(name, port, process, log_path)
 
 
-def retouch_cli(*args: str) -> str:
-    """Run `python -m retouch ARGS`; its stdout, or a StartupFailure."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "retouch", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=STARTUP_TIMEOUT_SECONDS,
-        env=child_environment(),
-    )
-    if completed.returncode != 0:
-        raise StartupFailure(f"`retouch {' '.join(args[:2])}` failed:\n{completed.stderr.strip()}")
-    return completed.stdout
-
-
 def error_lines(server: Server) -> int:
     """Records at level error or above in a process's log (JSON lines)."""
     count = 0
@@ -372,7 +358,7 @@ def model_args(config: Config, workdir: Path) -> list[str]:
     if model == "demo" and config.topology == "scale-out":
         # Built once and shared, rather than once in each worker's data directory.
         model = str(workdir / "demo-checkpoint")
-        retouch_cli("demo-model", model)
+        retouch_cli("demo-model", model, timeout=STARTUP_TIMEOUT_SECONDS)
     return ["--model", model, *(["--steps", str(steps)] if steps else [])]
 
 
@@ -384,9 +370,10 @@ def create_key(config: Config, store_args: list[str]) -> str:
     """A key whose account has credits for the whole run, no rate limit to speak of and
     room for `max_unfinished` unfinished tasks."""
     secret = retouch_cli("keys", "create", "--name", "load", "--credits", "1000000000",
-                         *store_args).split()[0]  # fmt: skip
+                         *store_args, timeout=STARTUP_TIMEOUT_SECONDS).split()[0]  # fmt: skip
     retouch_cli("accounts", "update", "load", "--rate", "1000000",
-                "--concurrency", str(config.max_unfinished), *store_args)  # fmt: skip
+                "--concurrency", str(config.max_unfinished), *store_args,
+                timeout=STARTUP_TIMEOUT_SECONDS)  # fmt: skip
     return secret
 
 
