@@ -78,7 +78,7 @@ def build_settings(**options: Any) -> Settings:
         raise click.UsageError(f"invalid settings: {problems}") from None
 
 
-_store_options = settings_options("data_dir", "database_url")
+_store_options = settings_options("data_dir", "database_url", "db_pool_size")
 
 
 @click.group()
@@ -110,7 +110,7 @@ def serve(**options: Any) -> None:
 
 @main.command()
 @settings_options(
-    "data_dir", "database_url", "storage", "s3_endpoint_url", "s3_region", "host",
+    "data_dir", "database_url", "db_pool_size", "storage", "s3_endpoint_url", "s3_region", "host",
     "worker_port", "shutdown_grace_seconds", "model", "models_file", "model_name", "family",
     "steps", "true_cfg_scale", "device", "dtype", "offload", "compile", "quantize",
     "quantize_text_encoder", "lora", "lora_weight", "lora_steps", "lora_true_cfg_scale", "price",

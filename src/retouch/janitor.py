@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from retouch.logs import RepeatedFailure
 from retouch.storage import ResultStorage
@@ -24,12 +26,19 @@ class Janitor:
         max_attempts: int,
         interval_seconds: float,
         upload_ttl_seconds: float | None = None,
+        lease_seconds: float = 60.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.storage = storage
         self.max_attempts = max_attempts
         self.interval_seconds = interval_seconds
         self.upload_ttl_seconds = upload_ttl_seconds
+        # Workers renew their leases every third of `lease_seconds`.
+        self.confirm_seconds = lease_seconds / 2
+        self._monotonic = monotonic
+        # Expired leases seen: task -> (its expiry, when first seen expired so).
+        self._sightings: dict[str, tuple[datetime, float]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -73,7 +82,26 @@ class Janitor:
         return self.store.purge_idempotency_keys()
 
     def reap_leases(self) -> int:
-        reaped = self.store.reap_expired_leases(self.max_attempts)
+        """Take back the tasks whose worker is gone: those whose lease has been seen
+        expired, and not renewed, for `confirm_seconds` of this process's steady
+        clock. Expired by the wall clock alone is not enough: a clock stepped
+        forward (NTP, a VM resumed) makes every lease look expired at once, and
+        their live workers renew them within a third of the lease."""
+        now = self._monotonic()
+        sightings: dict[str, tuple[datetime, float]] = {}
+        for task_id, expiry in self.store.expired_leases().items():
+            previous = self._sightings.get(task_id)
+            since = previous[1] if previous is not None and previous[0] == expiry else now
+            sightings[task_id] = (expiry, since)
+        self._sightings = sightings
+        confirmed = {
+            task_id: expiry
+            for task_id, (expiry, since) in self._sightings.items()
+            if now - since >= self.confirm_seconds
+        }
+        if not confirmed:
+            return 0
+        reaped = self.store.reap_expired_leases(self.max_attempts, only=confirmed)
         if reaped:
             log.warning("janitor: %d task(s) had lost their worker; requeued or failed", reaped)
         return reaped

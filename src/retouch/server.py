@@ -47,7 +47,7 @@ class StartupError(Exception):
 
 def open_store(settings: Settings) -> Store:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store.from_url(settings.resolved_database_url)
+    store = Store.from_url(settings.resolved_database_url, pool_size=settings.db_pool_size)
     migrate(store.engine)
     return store
 
@@ -81,6 +81,7 @@ def serve(settings: Settings) -> None:
             max_attempts=settings.max_attempts,
             interval_seconds=settings.janitor_interval_seconds,
             upload_ttl_seconds=settings.result_ttl_seconds,
+            lease_seconds=settings.lease_seconds,
         )
         janitor.start()
         public_url = settings.public_url or f"http://{settings.host}:{settings.port}"

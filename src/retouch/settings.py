@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL; default: SQLite file in the data directory."
     )
+    db_pool_size: int = Field(
+        default=10,
+        ge=1,
+        le=200,
+        description="PostgreSQL connections each process keeps open; at busy moments it "
+        "opens up to 48 more and closes them again (mind the server's max_connections).",
+    )
 
     # HTTP server.
     host: str = Field(default="127.0.0.1", description="Interface to listen on.")
@@ -145,8 +152,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         default=60.0,
         gt=1,
-        description="A running task returns to the queue this long after "
-        "its worker was last heard from.",
+        description="Lease of a running task, renewed every third of it; a task whose "
+        "worker stays silent for 1.5 times this long returns to the queue.",
     )
     max_attempts: int = Field(
         default=2, ge=1, le=10, description="Runs of a task whose worker died before it fails."

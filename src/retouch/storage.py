@@ -32,6 +32,8 @@ _KEY = re.compile(
 )
 _TASK_ID = re.compile(r"^task-unified-\d+-[a-z0-9]{8}$")
 UPLOADS = "uploads/"
+# Local files are written under this prefix, then renamed into place.
+_TMP_PREFIX = ".tmp-"
 # Below this much free space a local result volume cannot take a result image
 # (a 1024x1024 PNG is about 1-3 MB): `/readyz` reports it as full.
 MIN_FREE_BYTES = 1 << 20
@@ -96,7 +98,7 @@ class ResultStorage(Protocol):
 def _write_beside(path: Path, data: bytes) -> None:
     """Write beside, then rename: a reader never sees half a file, and a write that
     fails (no space left) leaves no partial file behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -165,9 +167,13 @@ class LocalResultStorage:
         cutoff = older_than.timestamp()
         purged = 0
         for path in folder.iterdir():
-            if path.name.startswith("up_") and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                purged += 1
+            # `.tmp-*`: a write cut short by a crash, never renamed into place.
+            if not path.name.startswith(("up_", _TMP_PREFIX)):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # purged meanwhile
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    purged += 1
         return purged
 
     def delete(self, keys: list[str]) -> None:

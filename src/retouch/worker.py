@@ -19,7 +19,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,13 +36,16 @@ from retouch.metrics import STAGE_SECONDS, STEP_SECONDS, TASKS_FINISHED
 from retouch.models import ModelSpec
 from retouch.prompts import ensure_prompt_fits
 from retouch.storage import ResultStorage, new_run
-from retouch.store import Store
+from retouch.store import Store, database_unavailable
 from retouch.store.notify import Wakeups
-from retouch.tasks import MAX_SEED, Task, TaskError
+from retouch.tasks import MAX_SEED, Task, TaskError, TaskStatus
 from retouch.uploads import Uploads
 
 log = logging.getLogger(__name__)
 _JITTER = secrets.SystemRandom()
+# Retrying a finalizing write while the database is unreachable: doubling waits.
+_FINALIZE_FIRST_DELAY = 0.25
+_FINALIZE_MAX_DELAY = 5.0
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,13 @@ class Worker:
         try:
             with context(task_id=task.id, worker_id=self.worker_id):
                 prepared = self._prepare(task, lease)
+        except Exception:
+            # Failing it did not work either (the worker was stopped while the
+            # database was away, or the store broke): its lease will expire and the
+            # task will run again; the worker goes on.
+            log.exception("task %s: could not be failed", task.id)
+            lease.stop()
+            return False
         except BaseException:
             lease.stop()
             raise
@@ -206,13 +216,23 @@ class Worker:
         except InvalidInputError as exc:
             log.info("task %s: bad input %s: %s", task.id, exc.param, exc.message)
             error = TaskError(code=exc.status, type=exc.type, message=exc.message, param=exc.param)
-            self.store.fail(task.id, self.worker_id, error)
+            self.fail(task.id, error)
             return None
         except Exception as exc:
             log.exception("task %s: preparing the inputs failed", task.id)
-            self.store.fail(task.id, self.worker_id, engine_error(exc))
+            self.fail(task.id, engine_error(exc))
             return None
         return _Prepared(task, model, images, lease)
+
+    def fail(self, task_id: str, error: TaskError) -> bool:
+        """Fail a task this worker holds; False if its lease was lost."""
+        return finalize(
+            self,
+            task_id,
+            "failing",
+            lambda: self.store.fail(task_id, self.worker_id, error),
+            lambda task: task.status is TaskStatus.FAILED,
+        )
 
     def _fetch_inputs(self, task: Task, spec: ModelSpec) -> list[Image.Image]:
         urls = task.params.image_urls
@@ -232,6 +252,43 @@ class Worker:
 
         with STAGE_SECONDS.labels("fetch").time(), ThreadPoolExecutor(len(urls)) as pool:
             return list(pool.map(fetch, range(len(urls))))
+
+
+def finalize(
+    worker: Worker,
+    task_id: str,
+    what: str,
+    write: Callable[[], bool],
+    landed: Callable[[Task], bool],
+) -> bool:
+    """Run a finalizing write, conditional on the worker's lease; True if it took effect.
+
+    While the database is unreachable the write is retried (the lease keeper renews
+    the lease meanwhile), so a database restart as a task finishes costs no attempt.
+    A try whose commit may have gone through unanswered is settled by reading the
+    task back: `landed` tells whether it holds our write. Once the worker is told to
+    stop it gives up, raising: the lease then expires and the task runs again."""
+    failures = RepeatedFailure(log, f"task {task_id}: {what}")
+    delay = _FINALIZE_FIRST_DELAY
+    uncertain = False
+    while True:
+        try:
+            if write():
+                failures.succeeded()
+                return True
+            if not uncertain:
+                return False
+            task = worker.store.get_task(task_id)
+            failures.succeeded()
+            return task is not None and landed(task)
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            failures.failed(exc)
+            uncertain = True
+            if worker.stopping.wait(delay):
+                raise
+        delay = min(delay * 2, _FINALIZE_MAX_DELAY)
 
 
 def check_prompt(engine: Engine, prompt: str) -> None:
@@ -278,8 +335,11 @@ class _TaskRun:
             self._interrupted()
         except Exception as exc:
             log.exception("task %s: the engine failed", self.task.id)
-            if self.store.fail(self.task.id, self.worker.worker_id, engine_error(exc)):
-                TASKS_FINISHED.labels("failed").inc()
+            self._fail(engine_error(exc))
+
+    def _fail(self, error: TaskError) -> None:
+        if self.worker.fail(self.task.id, error):
+            TASKS_FINISHED.labels("failed").inc()
 
     def should_stop(self) -> bool:
         if self.worker.stopping.is_set():
@@ -336,11 +396,18 @@ class _TaskRun:
             log.exception("task %s: storing the results failed", self.task.id)
             with contextlib.suppress(Exception):
                 worker.storage.delete(keys)
-            if self.store.fail(self.task.id, worker.worker_id, storage_error(exc)):
-                TASKS_FINISHED.labels("failed").inc()
+            self._fail(storage_error(exc))
             return
         expires = worker.clock.now() + timedelta(seconds=worker.config.result_ttl_seconds)
-        if not self.store.complete(self.task.id, worker.worker_id, keys, expires):
+        completed = finalize(
+            worker,
+            self.task.id,
+            "completing",
+            lambda: self.store.complete(self.task.id, worker.worker_id, keys, expires),
+            # Result keys carry this attempt's run tag: they are ours alone.
+            lambda task: task.status is TaskStatus.COMPLETED and task.result_keys == keys,
+        )
+        if not completed:
             # The lease was lost (we were presumed dead): the task is someone else's
             # now. Our results are ours alone (tagged with our run), so drop them.
             worker.storage.delete(keys)
@@ -357,7 +424,14 @@ class _TaskRun:
     def _interrupted(self) -> None:
         worker_id = self.worker.worker_id
         if self.store.cancel_was_requested(self.task.id):
-            if self.store.cancel_running(self.task.id, worker_id):
+            cancelled = finalize(
+                self.worker,
+                self.task.id,
+                "cancelling",
+                lambda: self.store.cancel_running(self.task.id, worker_id),
+                lambda task: task.status is TaskStatus.CANCELLED,
+            )
+            if cancelled:
                 TASKS_FINISHED.labels("cancelled").inc()
             log.info("task %s: cancelled", self.task.id)
         elif self.worker.stopping.is_set():

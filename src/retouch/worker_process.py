@@ -88,7 +88,7 @@ def worker_main(settings: Settings, ready: Connection, parent_pid: int) -> None:
     """Entry point of the worker child process of `retouch serve`."""
     _die_with_parent(parent_pid)
     configure_logging()
-    store = Store.from_url(settings.resolved_database_url)
+    store = Store.from_url(settings.resolved_database_url, pool_size=settings.db_pool_size)
     try:
         worker = build_worker(settings, store)
     except WorkerStartupError as exc:
@@ -105,7 +105,7 @@ def run_worker(settings: Settings) -> None:
     """`retouch worker`: serve tasks from the shared database until SIGTERM, then
     finish the running task (for up to the grace period) and exit 0."""
     configure_logging()
-    store = Store.from_url(settings.resolved_database_url)
+    store = Store.from_url(settings.resolved_database_url, pool_size=settings.db_pool_size)
     migrate(store.engine)
     log.info("loading %s", ", ".join(spec.name for spec in settings.model_specs()))
     worker = build_worker(settings, store)

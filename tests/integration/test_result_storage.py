@@ -272,9 +272,15 @@ def test_the_janitor_deletes_what_a_killed_attempt_left_of_a_failed_task(
     store.create_task(task)
     assert store.claim_next("killed-worker", 30.0) is not None
     backend.storage.put(task.id, 0, PNG, RUN)  # ... and the worker dies here
-    janitor = Janitor(store, backend.storage, max_attempts=1, interval_seconds=60)
+    steady = [0.0]
+    janitor = Janitor(
+        store, backend.storage, max_attempts=1, interval_seconds=60, lease_seconds=30.0,
+        monotonic=lambda: steady[0],
+    )  # fmt: skip
     assert janitor.purge_abandoned_results() == 0  # the task may still complete
     clock.advance(31)
+    assert janitor.reap_leases() == 0  # seen expired; taken once it stays so
+    steady[0] += 15.0
     assert janitor.reap_leases() == 1
     assert janitor.purge_abandoned_results() == 1
     assert backend.stored() == in_store(backend, *task_keys(store, done.id))

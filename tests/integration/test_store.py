@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from retouch.clock import FakeClock
 from retouch.errors import ConflictError, NotFoundError
+from retouch.janitor import Janitor
 from retouch.keys import ApiKey
-from retouch.store import Store, migrate
+from retouch.storage import LocalResultStorage
+from retouch.store import Store, create_db_engine, migrate
+from retouch.store.base import QUERY_THREADS
 from retouch.tasks import EditParams, Task, TaskError, TaskStatus
 from tests.support import pending_task
 
@@ -179,11 +183,75 @@ def test_expired_lease_is_requeued_then_failed_after_max_attempts(
     # The vanished worker can no longer write.
     assert not store.set_progress(task.id, "w1", 50, LEASE)
     store.claim_next("w2", LEASE)
+    assert store.set_progress(task.id, "w2", 40, LEASE)
     clock.advance(LEASE + 1)
     assert store.reap_expired_leases(max_attempts=2) == 1
     failed = store.get_task(task.id)
     assert failed is not None and failed.status is TaskStatus.FAILED
     assert failed.error is not None and "stopped 2 time(s)" in failed.error.message
+    assert failed.progress == 0  # a failed task's progress, as in the seed's callbacks
+
+
+def test_reaping_named_leases_skips_those_renewed_since(
+    store: Store, key: ApiKey, clock: FakeClock
+) -> None:
+    """`only` takes back each named task only while its lease still expires when it
+    did when named: a lease renewed in between stays with its worker."""
+    dead, live, fresh = (make_task(store, key, offset) for offset in (0, 1, 2))
+    for worker in ("dead", "live", "fresh"):
+        store.claim_next(worker, LEASE)
+    clock.advance(LEASE / 2)
+    store.renew_lease(fresh.id, "fresh", LEASE)
+    clock.advance(LEASE / 2 + 1)
+    expired = store.expired_leases()
+    assert set(expired) == {dead.id, live.id}  # `fresh` was renewed in time
+    assert store.renew_lease(live.id, "live", LEASE)
+    assert store.reap_expired_leases(max_attempts=2, only={}) == 0
+    assert store.reap_expired_leases(max_attempts=2, only=expired) == 1
+    found = [store.get_task(task.id) for task in (dead, live, fresh)]
+    states = {task.id: (task.status, task.lease_owner) for task in found if task is not None}
+    assert states == {
+        dead.id: (TaskStatus.PENDING, None),
+        live.id: (TaskStatus.PROCESSING, "live"),
+        fresh.id: (TaskStatus.PROCESSING, "fresh"),
+    }
+
+
+def test_the_janitor_takes_back_a_lease_only_once_seen_expired_for_half_a_lease(
+    store: Store, key: ApiKey, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A clock stepped forward makes every lease look expired at once; the janitor
+    takes a task back only after its lease has stayed expired, unrenewed, for half a
+    lease of steady time. Live workers renew theirs within a third of a lease (the
+    live one below), so only the dead worker's task goes back to the queue."""
+    steady = [0.0]
+    storage = LocalResultStorage(tmp_path, b"k" * 32, clock)
+    janitor = Janitor(
+        store, storage, max_attempts=2, interval_seconds=60, lease_seconds=LEASE,
+        monotonic=lambda: steady[0],
+    )  # fmt: skip
+    dead, live = make_task(store, key), make_task(store, key, 1)
+    store.claim_next("dead", LEASE)
+    store.claim_next("live", LEASE)
+    clock.advance(25 * 3600)  # the step forward
+    assert janitor.reap_leases() == 0  # seen expired: not yet taken
+    steady[0] += LEASE / 3
+    assert store.renew_lease(live.id, "live", LEASE)  # its keeper's next renewal
+    assert janitor.reap_leases() == 0
+    steady[0] += LEASE / 6 - 0.1
+    assert janitor.reap_leases() == 0  # a hair short of half a lease
+    steady[0] += 0.1
+    assert janitor.reap_leases() == 1
+    taken, kept = store.get_task(dead.id), store.get_task(live.id)
+    assert taken is not None and (taken.status, taken.attempts) == (TaskStatus.PENDING, 1)
+    assert kept is not None and (kept.status, kept.lease_owner) == (TaskStatus.PROCESSING, "live")
+    # The live worker stops renewing (it died too): half a lease after its lease
+    # expired it is taken back as well.
+    clock.advance(LEASE + 1)
+    assert janitor.reap_leases() == 0
+    steady[0] += LEASE / 2
+    assert janitor.reap_leases() == 1
+    assert store.get_task(live.id).status is TaskStatus.PENDING  # type: ignore[union-attr]
 
 
 def test_take_over_all_leases_at_startup(store: Store, key: ApiKey) -> None:
@@ -230,3 +298,29 @@ def test_claim_only_takes_the_workers_models(store: Store, key: ApiKey) -> None:
     assert store.claim_next("w1", LEASE, models=["another-model"]) is None
     claimed = store.claim_next("w1", LEASE, models=["another-model", "qwen-image-edit"])
     assert claimed is not None and claimed.id == task.id
+
+
+def test_every_thread_that_may_query_gets_a_connection_at_once(database_url: str) -> None:
+    """However few connections are kept open (`--db-pool-size`), the API's thread
+    pool and the server's own threads may all query at the same moment: none of
+    them waits for a connection, let alone times out."""
+    engine = create_db_engine(database_url, pool_size=2)
+    together = threading.Barrier(QUERY_THREADS, timeout=20)
+    answers: list[int] = []
+
+    def query() -> None:
+        with engine.connect() as conn:
+            together.wait()  # every thread holds its connection here at once
+            answers.append(conn.execute(text("SELECT 1")).scalar_one())
+
+    threads = [threading.Thread(target=query) for _ in range(QUERY_THREADS)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert answers == [1] * QUERY_THREADS
+        if engine.dialect.name == "postgresql":
+            assert engine.pool.checkedin() == 2  # type: ignore[attr-defined]  # kept open
+    finally:
+        engine.dispose()

@@ -166,14 +166,19 @@ def test_the_janitor_deletes_uploads_as_old_as_results(api: Api) -> None:
     janitor = Janitor(
         api.store, api.storage, max_attempts=2, interval_seconds=60, upload_ttl_seconds=86400
     )
+    folder = api.storage.root / "uploads"
+    # What a crash in the middle of writing an upload leaves: a temporary file.
+    (folder / ".tmp-crashed").write_bytes(b"half an upload")
+    (folder / "README").write_text("not ours: left alone")
     assert janitor.purge_uploads() == 0
     api.clock.advance(86400 + 1)
-    path = api.storage.root / "uploads" / body["id"]
-    # Files carry the real time; age this one as the fake clock says.
+    path = folder / body["id"]
+    # Files carry the real time; age them as the fake clock says.
     stamp = api.clock.now().timestamp() - 86400 - 2
-    os.utime(path, (stamp, stamp))
-    assert janitor.purge_uploads() == 1
-    assert not path.exists()
+    for aged in (path, folder / ".tmp-crashed", folder / "README"):
+        os.utime(aged, (stamp, stamp))
+    assert janitor.purge_uploads() == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["README"]
 
 
 def test_slow_event_readers_do_not_hold_up_the_server(api: Api, image_host: ImageHost) -> None:

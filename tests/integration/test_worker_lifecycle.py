@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
@@ -24,7 +25,7 @@ from retouch.tasks import EditParams, Task, TaskStatus
 from retouch.worker import LoadedModel, Worker, WorkerConfig
 from tests.conftest import BACKENDS, POSTGRES_URL
 from tests.integration.conftest import SPEC, Api
-from tests.integration.test_api import create, edit
+from tests.integration.test_api import create, edit, task_detail
 from tests.support import ImageHost, free_port, pending_task, png_bytes, wait_for
 
 
@@ -186,6 +187,92 @@ def test_a_database_outage_mid_denoise_is_no_engine_failure(
     done = wait_task(api.store, task_id, TaskStatus.COMPLETED, TaskStatus.FAILED)
     assert (done.status, done.attempts, done.error) == (TaskStatus.COMPLETED, 1, None)
     assert ledger_kinds(api.store, done) == [EntryKind.RESERVE, EntryKind.CAPTURE]
+
+
+def flaky(real: Callable[..., bool], failures: int, *, after_commit: bool) -> Callable[..., bool]:
+    """`real`, whose first `failures` calls fail as a database going away does: before
+    the write, or after it was committed (the answer lost on the way back)."""
+    left = [failures]
+
+    def call(*args: object) -> bool:
+        if left[0] <= 0:
+            return real(*args)
+        left[0] -= 1
+        if after_commit:
+            real(*args)
+        raise OperationalError(
+            "UPDATE", {}, ConnectionResetError("server closed the connection unexpectedly")
+        )
+
+    return call
+
+
+@pytest.mark.parametrize("after_commit", [False, True], ids=["before-commit", "answer-lost"])
+def test_a_database_outage_as_a_task_completes_costs_no_attempt(
+    api: Api, image_host: ImageHost, monkeypatch: pytest.MonkeyPatch, after_commit: bool
+) -> None:
+    """Completing is retried while the database is away, and a completion whose
+    commit went through unanswered is recognised as ours: the task completes on
+    its first attempt, once billed, its result links working."""
+    monkeypatch.setattr(
+        api.store, "complete", flaky(api.store.complete, 3, after_commit=after_commit)
+    )
+    api.start_worker(FixtureEngine(step_seconds=0.01, steps=5))
+    url = image_host.add("/a.png", png_bytes())
+    task_id = create(api, edit([url], n=2))["id"]
+    done = wait_task(api.store, task_id, TaskStatus.COMPLETED, TaskStatus.FAILED)
+    assert (done.status, done.attempts, done.error) == (TaskStatus.COMPLETED, 1, None)
+    assert ledger_kinds(api.store, done) == [EntryKind.RESERVE, EntryKind.CAPTURE]
+    links = task_detail(api, task_id)["results"]
+    assert len(links) == 2 and all(httpx.get(link).status_code == 200 for link in links)
+    # The worker carries on.
+    following = create(api, edit([url]))["id"]
+    assert wait_task(api.store, following, TaskStatus.COMPLETED).attempts == 1
+
+
+@pytest.mark.parametrize("after_commit", [False, True], ids=["before-commit", "answer-lost"])
+def test_a_database_outage_as_a_task_fails_still_fails_it_once(
+    api: Api, image_host: ImageHost, monkeypatch: pytest.MonkeyPatch, after_commit: bool
+) -> None:
+    """An engine failure met by a database outage: the task still fails with the
+    engine's reason, progress 0 and its credits released, on its first attempt."""
+    monkeypatch.setattr(api.store, "fail", flaky(api.store.fail, 2, after_commit=after_commit))
+    engine = FixtureEngine(step_seconds=0.01, steps=20, fail_with=RuntimeError("boom"))
+    api.start_worker(engine)
+    url = image_host.add("/a.png", png_bytes())
+    task_id = create(api, edit([url]))["id"]
+    failed = wait_task(api.store, task_id, TaskStatus.FAILED, TaskStatus.COMPLETED)
+    assert failed.error is not None and "RuntimeError: boom" in failed.error.message
+    assert (failed.status, failed.attempts, failed.progress) == (TaskStatus.FAILED, 1, 0)
+    assert ledger_kinds(api.store, failed) == [EntryKind.RESERVE, EntryKind.RELEASE]
+    engine.fail_with = None
+    following = create(api, edit([url]))["id"]
+    assert wait_task(api.store, following, TaskStatus.COMPLETED).attempts == 1
+
+
+def test_a_task_that_cannot_even_be_failed_does_not_stop_the_worker(
+    api: Api, image_host: ImageHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failing a task with a bad input breaks (a bug, not an outage): the task is
+    left to its lease, and the worker goes on claiming and running tasks."""
+    real_fail = api.store.fail
+    broken = threading.Event()
+
+    def fail(*args: object) -> bool:
+        if not broken.is_set():
+            broken.set()
+            raise RuntimeError("the store broke")
+        return real_fail(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(api.store, "fail", fail)
+    worker = api.start_worker(FixtureEngine(step_seconds=0.01, steps=5))
+    bad = create(api, edit([image_host.add("/not-an-image.png", b"not an image")]))["id"]
+    wait_for(broken.is_set, timeout=10, what="failing the task to break")
+    good = create(api, edit([image_host.add("/a.png", png_bytes())]))["id"]
+    assert wait_task(api.store, good, TaskStatus.COMPLETED).attempts == 1
+    assert worker_thread(api, worker).is_alive()
+    stuck = stored(api.store, bad)
+    assert (stuck.status, stuck.lease_owner) == (TaskStatus.PROCESSING, worker.worker_id)
 
 
 # -- waking up on notifications (PostgreSQL) ---------------------------------------

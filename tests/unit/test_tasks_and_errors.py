@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from retouch import errors
-from retouch.api.errors import database_unavailable
+from retouch.store import database_unavailable
 from retouch.tasks import TaskStatus, new_task_id
 
 

@@ -23,6 +23,7 @@ from retouch.errors import (
     ServiceUnavailableError,
     first_line,
 )
+from retouch.store import database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """A database that cannot answer now (restarting, unreachable, a SQLite file
-    locked past the busy timeout), as opposed to a bug such as a missing table."""
-    if not isinstance(exc, OperationalError):
-        return False
-    return exc.connection_invalidated or not str(exc.orig).lower().startswith("no such ")
 
 
 def _from_http(

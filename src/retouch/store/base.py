@@ -16,25 +16,37 @@ from sqlalchemy import (
     exists,
     select,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from retouch.clock import Clock, SystemClock
 
-SQLITE_POOL_SIZE = 48
+# The threads of one process that may run a query at once: the API's thread pool
+# (40) and the server's own (worker stages, lease keepers, janitor, callbacks).
+QUERY_THREADS = 48
+DEFAULT_POOL_SIZE = 10
 
 
-def create_db_engine(url: str) -> Engine:
+def create_db_engine(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
     """An engine tuned for the backend: SQLite gets WAL, a busy timeout and
-    `BEGIN IMMEDIATE` for writes, so concurrent writers queue instead of failing."""
+    `BEGIN IMMEDIATE` for writes, so concurrent writers queue instead of failing.
+
+    On PostgreSQL `pool_size` connections stay open and up to `QUERY_THREADS` more
+    are opened when every thread queries at once, so no request waits for a
+    connection (or times out) at a busy moment; each is a server process, so the
+    number kept open is the operator's to choose."""
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    # One pooled connection per thread that may run a query (the API's thread pool
-    # is 40): connections beyond the pool would be opened and closed per request.
+        return create_engine(
+            url, pool_pre_ping=True, pool_size=pool_size, max_overflow=QUERY_THREADS
+        )
+    # One pooled connection per thread that may run a query: connections beyond the
+    # pool would be opened and closed per request. SQLite connections cost nothing
+    # to keep, so they all stay.
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": 30},
-        pool_size=SQLITE_POOL_SIZE,
-        max_overflow=SQLITE_POOL_SIZE,
+        pool_size=QUERY_THREADS,
+        max_overflow=QUERY_THREADS,
     )
 
     @event.listens_for(engine, "connect")
@@ -60,6 +72,14 @@ def create_db_engine(url: str) -> Engine:
     return engine
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """A database that cannot answer now (restarting, unreachable, a SQLite file
+    locked past the busy timeout), as opposed to a bug such as a missing table."""
+    if not isinstance(exc, OperationalError):
+        return False
+    return exc.connection_invalidated or not str(exc.orig).lower().startswith("no such ")
+
+
 class StoreBase:
     def __init__(self, engine: Engine, clock: Clock | None = None) -> None:
         self.engine = engine
@@ -79,8 +99,10 @@ class StoreBase:
         return self._reuse_connections
 
     @classmethod
-    def from_url(cls, url: str, clock: Clock | None = None) -> Self:
-        return cls(create_db_engine(url), clock)
+    def from_url(
+        cls, url: str, clock: Clock | None = None, *, pool_size: int = DEFAULT_POOL_SIZE
+    ) -> Self:
+        return cls(create_db_engine(url, pool_size=pool_size), clock)
 
     def close(self) -> None:
         with self._lock:

@@ -7,7 +7,7 @@ SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -328,7 +328,10 @@ class TaskQueue(StoreBase):
         )
 
     def fail(self, task_id: str, worker_id: str, error: TaskError) -> bool:
-        return self._finish(task_id, worker_id, TaskStatus.FAILED, **error_values(error))
+        # A failed task's progress is 0, as in the seed's callbacks.
+        return self._finish(
+            task_id, worker_id, TaskStatus.FAILED, progress=0, **error_values(error)
+        )
 
     def cancel_running(self, task_id: str, worker_id: str) -> bool:
         return self._finish(task_id, worker_id, TaskStatus.CANCELLED)
@@ -346,19 +349,48 @@ class TaskQueue(StoreBase):
             attempts=tasks.c.attempts - 1,
         )
 
-    def reap_expired_leases(self, max_attempts: int, *, all_leases: bool = False) -> int:
+    def expired_leases(self) -> dict[str, datetime]:
+        """The running tasks whose lease has expired by this clock, with its expiry."""
+        query = select(tasks.c.id, tasks.c.lease_expires_at).where(
+            tasks.c.status == _PROCESSING, tasks.c.lease_expires_at < self.clock.now()
+        )
+        with self._read() as conn:
+            return {row.id: row.lease_expires_at for row in conn.execute(query)}
+
+    def reap_expired_leases(
+        self,
+        max_attempts: int,
+        *,
+        all_leases: bool = False,
+        only: Mapping[str, datetime] | None = None,
+    ) -> int:
         """Put tasks whose worker vanished back in the queue, or fail them once
         they have used up their attempts. `all_leases` takes over every lease
-        (the embedded server at start-up: no other worker can exist)."""
+        (the embedded server at start-up: no other worker can exist); `only`
+        limits it to these tasks, each if its lease still expires when it did
+        (renewed meanwhile, it is not taken)."""
         now = self.clock.now()
         stale = tasks.c.status == _PROCESSING
         if not all_leases:
             stale = and_(stale, tasks.c.lease_expires_at < now)
+        if only is not None:
+            if not only:
+                return 0
+            stale = and_(
+                stale,
+                or_(
+                    *(
+                        and_(tasks.c.id == task_id, tasks.c.lease_expires_at == expiry)
+                        for task_id, expiry in only.items()
+                    )
+                ),
+            )
         exhausted = (
             update(tasks)
             .where(stale, tasks.c.attempts >= max_attempts)
             .values(
                 status=TaskStatus.FAILED.value,
+                progress=0,
                 finished_at=now,
                 lease_owner=None,
                 lease_expires_at=None,
