@@ -26,7 +26,14 @@ from retouch.worker import LoadedModel, Worker, WorkerConfig
 from tests.conftest import BACKENDS, POSTGRES_URL
 from tests.integration.conftest import SPEC, Api
 from tests.integration.test_api import create, edit, task_detail
-from tests.support import ImageHost, free_port, pending_task, png_bytes, wait_for
+from tests.support import (
+    ImageHost,
+    free_port,
+    pending_task,
+    png_bytes,
+    postgres_schema,
+    wait_for,
+)
 
 
 def stored(store: Store, task_id: str) -> Task:
@@ -287,9 +294,9 @@ def make_task(store: Store, key: ApiKey) -> Task:
 
 @pytest.fixture(params=BACKENDS)
 def quiet_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """A store in a database of its own. A notification reaches every listener of
-    its database whatever their schema, and other test runs may share the test
-    database: exact assertions about what a listener hears need a quiet one."""
+    """A store in a database of its own: other test runs may share the test
+    database (and its schema `public`), and exact assertions about what a
+    listener hears need a quiet one."""
     if request.param == "sqlite":
         store = Store(create_db_engine(f"sqlite:///{tmp_path / 'test.db'}"), FakeClock())
         migrate(store.engine)
@@ -337,6 +344,28 @@ def test_wakeups_exist_only_on_postgresql(store: Store) -> None:
         return
     assert isinstance(wakeups, Wakeups)
     wakeups.close()
+
+
+@pytest.mark.skipif(POSTGRES_URL is None, reason="needs RETOUCH_TEST_DATABASE_URL (PostgreSQL)")
+def test_a_listener_wakes_only_for_tasks_in_its_own_schema() -> None:
+    """Two deployments sharing one database through schemas: a task queued in the
+    other schema wakes none of our workers, one queued in ours does."""
+    assert POSTGRES_URL is not None
+    with postgres_schema(POSTGRES_URL) as ours_url, postgres_schema(POSTGRES_URL) as theirs_url:
+        ours, theirs = (Store(create_db_engine(url), FakeClock()) for url in (ours_url, theirs_url))
+        wakeups = Wakeups(ours.engine)
+        try:
+            for store in (ours, theirs):
+                migrate(store.engine)
+            wakeups.start()
+            make_task(theirs, theirs.create_key("them")[0])
+            assert not wakeups.wait(0.5)
+            make_task(ours, ours.create_key("us")[0])
+            assert wakeups.wait(5)
+        finally:
+            wakeups.close()
+            ours.close()
+            theirs.close()
 
 
 def test_a_new_task_wakes_a_listener_and_silence_times_out(quiet_store: Store) -> None:

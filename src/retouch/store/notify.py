@@ -5,6 +5,11 @@ queue) sends a notification, delivered when it commits. An idle worker waits on
 its own listening connection instead of polling the table, so it starts a new
 task within milliseconds and costs the database nothing while idle. SQLite has
 no such thing: there, workers poll (cheaply: a read, never a write lock).
+
+A notification reaches every listener of the database, so it names the schema
+its task is in, and a listener wakes only for its own: deployments that share
+one database through schemas (staging beside production, say) do not wake each
+other's workers.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ CHANNEL = "retouch_tasks"
 def announce_task(conn: Connection) -> None:
     """Tell idle workers (at commit) that a task can be claimed."""
     if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_notify(CHANNEL, "")))
+        conn.execute(select(func.pg_notify(CHANNEL, func.current_schema())))
 
 
 class Wakeups:
@@ -34,6 +39,7 @@ class Wakeups:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._conn: Any = None
+        self._schema: str | None = None
         self._failures = RepeatedFailure(log, "listening for new tasks")
 
     @classmethod
@@ -53,9 +59,10 @@ class Wakeups:
         try:
             conn = self._listening()
             self._failures.succeeded()
-            for _notice in conn.notifies(timeout=timeout, stop_after=1):
-                # Several announcements may be queued: one wake-up is enough.
-                return True
+            for notice in conn.notifies(timeout=timeout):
+                if notice.payload == self._schema:
+                    # Several announcements may be queued: one wake-up is enough.
+                    return True
             return False
         except Exception as exc:
             self._failures.failed(exc)
@@ -79,5 +86,6 @@ class Wakeups:
             raw.detach()  # this connection is ours for good, not the pool's
             conn.autocommit = True
             conn.execute(f"LISTEN {CHANNEL}")
+            self._schema = conn.execute("SELECT current_schema()").fetchone()[0]
             self._conn = conn
         return self._conn
