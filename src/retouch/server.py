@@ -32,6 +32,7 @@ from retouch.prompts import PromptTokenCounter
 from retouch.settings import Settings
 from retouch.store import Store, migrate
 from retouch.uploads import Uploads
+from retouch.worker import new_worker_id
 from retouch.worker_process import result_storage, worker_main
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def serve(settings: Settings) -> None:
             taken_over = store.reap_expired_leases(settings.max_attempts, all_leases=True)
             if taken_over:
                 log.warning("%d task(s) were running when the server last stopped", taken_over)
-        supervisor = WorkerSupervisor(settings) if settings.worker else None
+        supervisor = WorkerSupervisor(settings, store) if settings.worker else None
         if supervisor is not None:
             supervisor.start()
         janitor = Janitor(
@@ -144,10 +145,13 @@ def serve(settings: Settings) -> None:
 
 class WorkerSupervisor:
     """Runs the worker in a child process, waits until its model is loaded, and
-    restarts it if it dies."""
+    restarts it if it dies, handing the tasks it held straight back to the queue
+    (a dead process renews no lease: waiting for its leases to expire is waste)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
+        self.store = store
+        self.worker_id = new_worker_id()
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
         self._stopping = threading.Event()
@@ -172,9 +176,10 @@ class WorkerSupervisor:
 
     def _spawn(self) -> BaseProcess:
         receiver, sender = self._context.Pipe(duplex=False)
+        self.worker_id = new_worker_id()
         process = self._context.Process(
             target=worker_main,
-            args=(self.settings, sender, os.getpid()),
+            args=(self.settings, sender, os.getpid(), self.worker_id),
             name="retouch-worker",
             daemon=True,
         )
@@ -210,12 +215,23 @@ class WorkerSupervisor:
             if process.is_alive() or self._stopping.is_set():
                 continue
             log.error("the worker process died (exit code %s); restarting it", process.exitcode)
+            self._take_back(self.worker_id)
             if self._stopping.wait(_RESTART_DELAY_SECONDS):
                 return
             try:
                 self._process = self._spawn()
             except StartupError as exc:
                 log.error("could not restart the worker: %s", exc)
+
+    def _take_back(self, worker_id: str) -> None:
+        try:
+            taken = self.store.reap_expired_leases(self.settings.max_attempts, owner=worker_id)
+        except Exception:
+            # The janitor takes them back once their leases have expired.
+            log.exception("could not take back the tasks of worker %s", worker_id)
+            return
+        if taken:
+            log.warning("%d task(s) of the dead worker went back to the queue or failed", taken)
 
 
 @contextmanager

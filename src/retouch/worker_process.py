@@ -35,7 +35,7 @@ class WorkerStartupError(Exception):
     """The worker cannot start; the message is one sentence for the operator."""
 
 
-def build_worker(settings: Settings, store: Store) -> Worker:
+def build_worker(settings: Settings, store: Store, worker_id: str | None = None) -> Worker:
     """Load the models (the slow part) and assemble a worker around them."""
     from retouch.engine.loader import engine_options, load_engine
     from retouch.fetch import ImageFetcher
@@ -67,6 +67,7 @@ def build_worker(settings: Settings, store: Store) -> Worker:
             poll_interval_seconds=settings.poll_interval_seconds,
             idle_wait_seconds=NOTIFIED_IDLE_SECONDS if wakeups else settings.poll_interval_seconds,
         ),
+        worker_id=worker_id,
         clock=clock,
         wakeups=wakeups,
         uploads=Uploads(storage, settings.signing_key(), clock, max_bytes=settings.max_image_bytes),
@@ -84,13 +85,14 @@ def result_storage(settings: Settings, clock: SystemClock) -> Any:
     )
 
 
-def worker_main(settings: Settings, ready: Connection, parent_pid: int) -> None:
-    """Entry point of the worker child process of `retouch serve`."""
+def worker_main(settings: Settings, ready: Connection, parent_pid: int, worker_id: str) -> None:
+    """Entry point of the worker child process of `retouch serve`; `worker_id` is
+    chosen by the parent, which takes its tasks back at once should it die."""
     _die_with_parent(parent_pid)
     configure_logging()
     store = Store.from_url(settings.resolved_database_url, pool_size=settings.db_pool_size)
     try:
-        worker = build_worker(settings, store)
+        worker = build_worker(settings, store, worker_id)
     except WorkerStartupError as exc:
         ready.send(("error", str(exc)))
         sys.exit(1)

@@ -29,6 +29,12 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def is_worker(pid: int) -> bool:
+    """The worker child (not multiprocessing's resource tracker, say)."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return b"from multiprocessing.spawn import spawn_main" in b" ".join(command)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -125,3 +131,44 @@ def test_two_servers_cannot_share_a_data_directory(tmp_path: Path) -> None:
         assert "Another `retouch serve` is already using" in second.stderr
     finally:
         first.stop()
+
+
+def test_a_dead_worker_childs_task_runs_again_at_once(tmp_path: Path) -> None:
+    """The worker child dies mid-task (SIGKILL, the OOM killer) while the server
+    lives: the server restarts it and hands its task straight back to the queue,
+    not after the 60 s lease (and its confirmation) has run out."""
+    data_dir = tmp_path / "data"
+    secret = retouch_cli("keys", "create", "--name", "alice", "--data-dir", str(data_dir)).stdout
+    headers = {"Authorization": f"Bearer {secret.strip()}"}
+    host = ImageHost()
+    body = {
+        "model": "qwen-image-edit",
+        "prompt": "make it night",
+        "image_urls": [host.add("/cat.png", png_bytes((512, 512)))],
+    }
+    server = ServeProcess(
+        data_dir,
+        *("--model", "fixture", "--steps", "100", "--allow-private-networks"),
+        *("--fetch-ports", "any"),
+    )
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=10) as http:
+            task_id = http.post("/v1/images/generations", json=body).json()["id"]
+            wait_for(lambda: http.get(f"/v1/tasks/{task_id}").json()["progress"] > 0, timeout=30)
+            assert server.process is not None
+            (worker,) = [pid for pid in children_of(server.process.pid) if is_worker(pid)]
+            os.kill(worker, signal.SIGKILL)
+            done = wait_for(
+                lambda: (
+                    (d := http.get(f"/v1/tasks/{task_id}").json())["status"] == "completed" and d
+                ),
+                timeout=30,
+                what="the task to run again on the restarted worker",
+            )
+            assert httpx.get(done["results"][0]).status_code == 200
+        assert "1 task(s) of the dead worker went back to the queue" in server.log()
+        assert worker not in children_of(server.process.pid)  # a new one runs it
+    finally:
+        server.stop()
+        host.close()

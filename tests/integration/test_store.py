@@ -217,6 +217,18 @@ def test_reaping_named_leases_skips_those_renewed_since(
     }
 
 
+def test_the_leases_of_a_worker_known_dead_are_taken_back_unexpired(
+    store: Store, key: ApiKey
+) -> None:
+    dead, alive = make_task(store, key), make_task(store, key, 1)
+    store.claim_next("dead", LEASE)
+    store.claim_next("alive", LEASE)
+    assert store.reap_expired_leases(max_attempts=2, owner="dead") == 1
+    taken, kept = store.get_task(dead.id), store.get_task(alive.id)
+    assert taken is not None and (taken.status, taken.lease_owner) == (TaskStatus.PENDING, None)
+    assert kept is not None and (kept.status, kept.lease_owner) == (TaskStatus.PROCESSING, "alive")
+
+
 def test_the_janitor_takes_back_a_lease_only_once_seen_expired_for_half_a_lease(
     store: Store, key: ApiKey, clock: FakeClock, tmp_path: Path
 ) -> None:

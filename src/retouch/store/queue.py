@@ -363,15 +363,19 @@ class TaskQueue(StoreBase):
         *,
         all_leases: bool = False,
         only: Mapping[str, datetime] | None = None,
+        owner: str | None = None,
     ) -> int:
         """Put tasks whose worker vanished back in the queue, or fail them once
         they have used up their attempts. `all_leases` takes over every lease
         (the embedded server at start-up: no other worker can exist); `only`
         limits it to these tasks, each if its lease still expires when it did
-        (renewed meanwhile, it is not taken)."""
+        (renewed meanwhile, it is not taken); `owner` takes every lease of a
+        worker known to be dead, expired or not."""
         now = self.clock.now()
         stale = tasks.c.status == _PROCESSING
-        if not all_leases:
+        if owner is not None:
+            stale = and_(stale, tasks.c.lease_owner == owner)
+        elif not all_leases:
             stale = and_(stale, tasks.c.lease_expires_at < now)
         if only is not None:
             if not only:
