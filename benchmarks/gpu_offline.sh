@@ -14,8 +14,9 @@
 #      (gpu.jsonl: eager, three references, VAE, compiled, FP8 + compiled, FP8 eager);
 #   2. `retouch bench` on the demo checkpoint with --compile --quantize fp8 and with
 #      --offload model: the engine's own GPU code paths (bench-*.jsonl).
-# Each step's output is in OUT_DIR/<step>.log as well. Without a GPU (no nvidia-smi)
-# the same steps run on the CPU with the tiny configuration: a check of the script.
+# Logs go to random-weights.log and engine.log, versions and exit codes to gpu.txt:
+# six files in all. Without a GPU (no nvidia-smi) the same steps run on the CPU in
+# the tiny configuration: a check of the script.
 #
 # `wheels` takes the versions installed here; name others after the Python version
 # to match the GPU host's PyTorch, e.g. `wheels 3.12 torchao==0.17.0`.
@@ -78,14 +79,14 @@ run() {
     echo "random weights: exit $? after $((SECONDS - started)) s" >> "$out/gpu.txt"
 
     local checkpoint=/tmp/retouch-demo
-    python3 -m retouch demo-model "$checkpoint" > "$out/demo-model.log" 2>&1
+    python3 -m retouch demo-model "$checkpoint" > "$out/engine.log" 2>&1
     local name
     for name in $(printf '%s\n' "${!variants[@]}" | sort); do
         [ "$(left)" -gt 20 ] || break
         # shellcheck disable=SC2086  # the flags are words
         timeout "$(( $(left) / 2 > 20 ? $(left) / 2 : $(left) ))" \
             python3 -m retouch bench --model "$checkpoint" --json "${bench[@]}" ${variants[$name]} \
-            > "$out/bench-$name.jsonl" 2> "$out/bench-$name.log"
+            > "$out/bench-$name.jsonl" 2>> "$out/engine.log"
         echo "bench $name: exit $? after $((SECONDS - started)) s" >> "$out/gpu.txt"
     done
 }
