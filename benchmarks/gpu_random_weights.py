@@ -6,7 +6,7 @@ with N(0, 0.02): the cost of a real checkpoint without downloading one. Each
 measurement is written as one JSON line as soon as it is done, so a run cut
 short keeps what it measured.
 
-    python benchmarks/gpu_random_weights.py --out "$OUT/gpu.jsonl"          # on a GPU
+    python benchmarks/gpu_random_weights.py --out gpu.jsonl                 # on a GPU
     python benchmarks/gpu_random_weights.py --tiny --device cpu --variants eager   # anywhere
 
 Variants (in order of importance; compile and FP8 last, they are slow to build):
