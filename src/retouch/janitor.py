@@ -34,8 +34,8 @@ class Janitor:
         self.max_attempts = max_attempts
         self.interval_seconds = interval_seconds
         self.upload_ttl_seconds = upload_ttl_seconds
-        # Workers renew their leases every third of `lease_seconds`.
-        self.confirm_seconds = lease_seconds / 2
+        # The length of a lease whose task does not say (leased by an older version).
+        self.lease_seconds = lease_seconds
         self._monotonic = monotonic
         # Expired leases seen: task -> (its expiry, when first seen expired so).
         self._sightings: dict[str, tuple[datetime, float]] = {}
@@ -83,22 +83,20 @@ class Janitor:
 
     def reap_leases(self) -> int:
         """Take back the tasks whose worker is gone: those whose lease has been seen
-        expired, and not renewed, for `confirm_seconds` of this process's steady
+        expired, and not renewed, for half its length of this process's steady
         clock. Expired by the wall clock alone is not enough: a clock stepped
         forward (NTP, a VM resumed) makes every lease look expired at once, and
         their live workers renew them within a third of the lease."""
         now = self._monotonic()
         sightings: dict[str, tuple[datetime, float]] = {}
-        for task_id, expiry in self.store.expired_leases().items():
+        confirmed: dict[str, datetime] = {}
+        for task_id, (expiry, length) in self.store.expired_leases().items():
             previous = self._sightings.get(task_id)
             since = previous[1] if previous is not None and previous[0] == expiry else now
             sightings[task_id] = (expiry, since)
+            if now - since >= (length or self.lease_seconds) / 2:
+                confirmed[task_id] = expiry
         self._sightings = sightings
-        confirmed = {
-            task_id: expiry
-            for task_id, (expiry, since) in self._sightings.items()
-            if now - since >= self.confirm_seconds
-        }
         if not confirmed:
             return 0
         reaped = self.store.reap_expired_leases(self.max_attempts, only=confirmed)

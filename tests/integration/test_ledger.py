@@ -15,7 +15,8 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
 
 from retouch.accounts import Admission, EntryKind, to_units
 from retouch.errors import (
@@ -282,6 +283,24 @@ def test_migrations_build_exactly_the_declared_schema(store: Store) -> None:
     assert differences == []
 
 
+def test_the_lease_length_column_comes_and_goes_with_its_revision(database_url: str) -> None:
+    """0004 adds each lease's length; taking it back leaves 0003's schema, and it
+    can be applied again."""
+    engine = create_db_engine(database_url)
+    config = alembic_config(engine)
+    try:
+        migrate(engine)
+        command.downgrade(config, "0003")
+        with engine.connect() as conn:
+            columns = {column["name"] for column in inspect(conn).get_columns("tasks")}
+        assert "lease_seconds" not in columns and "lease_expires_at" in columns
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    finally:
+        engine.dispose()
+
+
 def test_upgrading_gives_existing_keys_and_tasks_accounts_and_entries(tmp_path: Path) -> None:
     engine = create_db_engine(f"sqlite:///{tmp_path / 'old.db'}")
     command.upgrade(alembic_config(engine), "0002")
@@ -343,7 +362,8 @@ def test_concurrent_starts_migrate_once(database_url: str, tmp_path: Path) -> No
         with engine.connect() as conn:
             versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
             differences = compare_metadata(MigrationContext.configure(conn), metadata)
-        assert [row[0] for row in versions] == ["0003"]
+        head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+        assert head is not None and [row[0] for row in versions] == [head]
         assert differences == []
     finally:
         engine.dispose()

@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, text, update
 
 from retouch.clock import FakeClock
 from retouch.errors import ConflictError, NotFoundError
@@ -16,6 +16,7 @@ from retouch.keys import ApiKey
 from retouch.storage import LocalResultStorage
 from retouch.store import Store, create_db_engine, migrate
 from retouch.store.base import QUERY_THREADS
+from retouch.store.schema import tasks
 from retouch.tasks import EditParams, Task, TaskError, TaskStatus
 from tests.support import pending_task
 
@@ -205,9 +206,11 @@ def test_reaping_named_leases_skips_those_renewed_since(
     clock.advance(LEASE / 2 + 1)
     expired = store.expired_leases()
     assert set(expired) == {dead.id, live.id}  # `fresh` was renewed in time
+    assert {length for _expiry, length in expired.values()} == {LEASE}
     assert store.renew_lease(live.id, "live", LEASE)
     assert store.reap_expired_leases(max_attempts=2, only={}) == 0
-    assert store.reap_expired_leases(max_attempts=2, only=expired) == 1
+    named = {task_id: expiry for task_id, (expiry, _length) in expired.items()}
+    assert store.reap_expired_leases(max_attempts=2, only=named) == 1
     found = [store.get_task(task.id) for task in (dead, live, fresh)]
     states = {task.id: (task.status, task.lease_owner) for task in found if task is not None}
     assert states == {
@@ -235,11 +238,12 @@ def test_the_janitor_takes_back_a_lease_only_once_seen_expired_for_half_a_lease(
     """A clock stepped forward makes every lease look expired at once; the janitor
     takes a task back only after its lease has stayed expired, unrenewed, for half a
     lease of steady time. Live workers renew theirs within a third of a lease (the
-    live one below), so only the dead worker's task goes back to the queue."""
+    live one below), so only the dead worker's task goes back to the queue. The
+    lease is the one its worker took (30 s), whatever the janitor's own setting."""
     steady = [0.0]
     storage = LocalResultStorage(tmp_path, b"k" * 32, clock)
     janitor = Janitor(
-        store, storage, max_attempts=2, interval_seconds=60, lease_seconds=LEASE,
+        store, storage, max_attempts=2, interval_seconds=60, lease_seconds=20 * LEASE,
         monotonic=lambda: steady[0],
     )  # fmt: skip
     dead, live = make_task(store, key), make_task(store, key, 1)
@@ -264,6 +268,17 @@ def test_the_janitor_takes_back_a_lease_only_once_seen_expired_for_half_a_lease(
     steady[0] += LEASE / 2
     assert janitor.reap_leases() == 1
     assert store.get_task(live.id).status is TaskStatus.PENDING  # type: ignore[union-attr]
+    # A lease taken before leases kept their length: judged by the janitor's own.
+    old = store.claim_next("old", LEASE)
+    assert old is not None
+    with store.engine.begin() as conn:
+        conn.execute(update(tasks).where(tasks.c.id == old.id).values(lease_seconds=None))
+    clock.advance(LEASE + 1)
+    assert janitor.reap_leases() == 0
+    steady[0] += LEASE / 2
+    assert janitor.reap_leases() == 0
+    steady[0] += 10 * LEASE - LEASE / 2
+    assert janitor.reap_leases() == 1
 
 
 def test_take_over_all_leases_at_startup(store: Store, key: ApiKey) -> None:

@@ -279,6 +279,7 @@ class TaskQueue(StoreBase):
                 status=_PROCESSING,
                 lease_owner=worker_id,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
+                lease_seconds=lease_seconds,
                 attempts=tasks.c.attempts + 1,
                 started_at=func.coalesce(tasks.c.started_at, now),
             )
@@ -349,13 +350,16 @@ class TaskQueue(StoreBase):
             attempts=tasks.c.attempts - 1,
         )
 
-    def expired_leases(self) -> dict[str, datetime]:
-        """The running tasks whose lease has expired by this clock, with its expiry."""
-        query = select(tasks.c.id, tasks.c.lease_expires_at).where(
+    def expired_leases(self) -> dict[str, tuple[datetime, float | None]]:
+        """The running tasks whose lease has expired by this clock: the expiry and
+        the length of each lease (None for a lease taken before that was kept)."""
+        query = select(tasks.c.id, tasks.c.lease_expires_at, tasks.c.lease_seconds).where(
             tasks.c.status == _PROCESSING, tasks.c.lease_expires_at < self.clock.now()
         )
         with self._read() as conn:
-            return {row.id: row.lease_expires_at for row in conn.execute(query)}
+            return {
+                row.id: (row.lease_expires_at, row.lease_seconds) for row in conn.execute(query)
+            }
 
     def reap_expired_leases(
         self,

@@ -108,6 +108,8 @@ tasks = Table(
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("lease_owner", String(100), nullable=True),
     Column("lease_expires_at", UTCDateTime(), nullable=True),
+    # The length of the lease its worker renews (a third of it at a time).
+    Column("lease_seconds", Float, nullable=True),
     Column("error_code", Integer, nullable=True),
     Column("error_type", String(60), nullable=True),
     Column("error_message", Text, nullable=True),
