@@ -98,12 +98,13 @@ def serve(**options: Any) -> None:
     from retouch.logs import configure_logging
     from retouch.server import StartupError
     from retouch.server import serve as run
+    from retouch.store import DatabaseOpenError
 
     settings = build_settings(**options)
     configure_logging()
     try:
         run(settings)
-    except StartupError as exc:
+    except (StartupError, DatabaseOpenError) as exc:
         click.echo(f"retouch: {exc}", err=True)
         sys.exit(1)
 
@@ -368,8 +369,12 @@ def ledger_check(**options: Any) -> None:
 
 def _store(settings: Settings) -> Store:
     from retouch.server import open_store
+    from retouch.store import DatabaseOpenError
 
-    return open_store(settings)
+    try:
+        return open_store(settings)
+    except DatabaseOpenError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _admin_call(action: Callable[[], T]) -> T:
@@ -475,7 +480,5 @@ def demo_model(directory: Path) -> None:
 @_store_options
 def migrate(**options: Any) -> None:
     """Create or upgrade the database schema."""
-    from retouch.server import open_store
-
-    open_store(build_settings(**options)).close()
+    _store(build_settings(**options)).close()
     click.echo("The database schema is up to date.", err=True)

@@ -30,7 +30,7 @@ from retouch.models import ModelsFileError, ModelSpec
 from retouch.netguard import AddressGuard, UrlRules
 from retouch.prompts import PromptTokenCounter
 from retouch.settings import Settings
-from retouch.store import Store, migrate
+from retouch.store import Store, open_database
 from retouch.uploads import Uploads
 from retouch.worker import new_worker_id
 from retouch.worker_process import result_storage, worker_main
@@ -47,10 +47,9 @@ class StartupError(Exception):
 
 
 def open_store(settings: Settings) -> Store:
+    """The store, its schema up to date; DatabaseOpenError says why it cannot be."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store.from_url(settings.resolved_database_url, pool_size=settings.db_pool_size)
-    migrate(store.engine)
-    return store
+    return open_database(settings.resolved_database_url, pool_size=settings.db_pool_size)
 
 
 def serve(settings: Settings) -> None:

@@ -20,7 +20,7 @@ from retouch.metrics import readiness_problems
 from retouch.models import ModelsFileError
 from retouch.settings import Settings
 from retouch.storage import open_storage
-from retouch.store import Store, migrate
+from retouch.store import DatabaseOpenError, Store, open_database
 from retouch.store.notify import Wakeups
 from retouch.uploads import Uploads
 from retouch.worker import LoadedModel, Worker, WorkerConfig
@@ -107,8 +107,10 @@ def run_worker(settings: Settings) -> None:
     """`retouch worker`: serve tasks from the shared database until SIGTERM, then
     finish the running task (for up to the grace period) and exit 0."""
     configure_logging()
-    store = Store.from_url(settings.resolved_database_url, pool_size=settings.db_pool_size)
-    migrate(store.engine)
+    try:
+        store = open_database(settings.resolved_database_url, pool_size=settings.db_pool_size)
+    except DatabaseOpenError as exc:
+        raise WorkerStartupError(str(exc)) from None
     log.info("loading %s", ", ".join(spec.name for spec in settings.model_specs()))
     worker = build_worker(settings, store)
 

@@ -11,7 +11,15 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.support import ImageHost, ServeProcess, demo_serve_args, png_bytes, retouch_cli, wait_for
+from tests.support import (
+    ImageHost,
+    ServeProcess,
+    demo_serve_args,
+    free_port,
+    png_bytes,
+    retouch_cli,
+    wait_for,
+)
 
 pytestmark = pytest.mark.acceptance
 
@@ -117,6 +125,45 @@ def test_a_model_that_cannot_load_stops_startup_with_one_sentence(tmp_path: Path
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("retouch: ") and "no-such-checkpoint" in last
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["serve", "--port", "1"], ["worker", "--model", "fixture"], ["keys", "list"], ["migrate"]],
+    ids=["serve", "worker", "keys", "migrate"],
+)
+def test_an_unreachable_database_stops_every_command_with_one_sentence(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """No traceback, the URL named with its password hidden, and what to check."""
+    url = f"postgresql+psycopg://retouch:s3cret-password@127.0.0.1:{free_port()}/retouch"
+    result = retouch_cli(
+        *command, "--database-url", url, "--data-dir", str(tmp_path / "data"), check=False
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "cannot open the database at postgresql+psycopg://retouch:***@127.0.0.1:" in lines[0]
+    assert "Connection refused" in lines[0] and "check --database-url" in lines[0]
+    assert "s3cret-password" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("mysql+pymysql://u:pw@db/retouch", "Retouch keeps its data in SQLite or PostgreSQL"),
+        ("not a url", "that is no database URL"),
+        ("postgresql+nosuchdriver://u@db/retouch", "Can't load plugin"),
+        ("sqlite:////nonexistent/folder/retouch.db", "that its folder exists"),
+    ],
+    ids=["other-database", "not-a-url", "unknown-driver", "missing-folder"],
+)
+def test_a_database_url_that_cannot_work_is_explained(tmp_path: Path, url: str, said: str) -> None:
+    result = retouch_cli(
+        "keys", "list", "--database-url", url, "--data-dir", str(tmp_path), check=False
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert said in result.stderr and "--database-url" in result.stderr
 
 
 def test_two_servers_cannot_share_a_data_directory(tmp_path: Path) -> None:

@@ -1,6 +1,19 @@
 """Persistence: the task queue and keys, on SQLite or PostgreSQL."""
 
 from retouch.store.migrate import migrate
-from retouch.store.store import Store, create_db_engine, database_unavailable
+from retouch.store.store import (
+    DatabaseOpenError,
+    Store,
+    create_db_engine,
+    database_unavailable,
+    open_database,
+)
 
-__all__ = ["Store", "create_db_engine", "database_unavailable", "migrate"]
+__all__ = [
+    "DatabaseOpenError",
+    "Store",
+    "create_db_engine",
+    "database_unavailable",
+    "migrate",
+    "open_database",
+]
