@@ -118,19 +118,25 @@ class Janitor:
         # long); files are swept at the configured interval.
         tick = min(self.interval_seconds, REAP_INTERVAL_SECONDS)
         since_purge = self.interval_seconds  # sweep once at start-up
-        failures = RepeatedFailure(log, "the janitor")
+        # Apart: the sweep needs the result storage, the lease check only the database.
+        sweep_failures = RepeatedFailure(log, "the janitor's sweep of expired files and keys")
+        lease_failures = RepeatedFailure(log, "the janitor's check of leases")
         while True:
-            try:
-                if since_purge >= self.interval_seconds:
-                    since_purge = 0.0
+            if since_purge >= self.interval_seconds:
+                since_purge = 0.0
+                try:
                     self.purge_expired_results()
                     self.purge_abandoned_results()
                     self.forget_idempotency_keys()
                     self.purge_uploads()
+                    sweep_failures.succeeded()
+                except Exception as exc:
+                    sweep_failures.failed(exc)
+            try:
                 self.reap_leases()
-                failures.succeeded()
+                lease_failures.succeeded()
             except Exception as exc:
-                failures.failed(exc)
+                lease_failures.failed(exc)
             if self._stop.wait(tick):
                 return
             since_purge += tick

@@ -34,7 +34,7 @@ from tests.seaweed import (
     SeaweedS3,
     seaweedfs_fixture,  # noqa: F401  (the `seaweedfs` fixture)
 )
-from tests.support import LiveServer, free_port, pending_task, png_bytes
+from tests.support import LiveServer, free_port, pending_task, png_bytes, wait_for
 
 TASK = "task-unified-1767225600-abcd1234"
 RUN = "0123abcd"  # one attempt's tag
@@ -396,6 +396,38 @@ def test_s3_check_says_when_the_store_is_unreachable() -> None:
     storage = S3ResultStorage("results", "", FakeClock(), client=closed)
     with pytest.raises(OSError, match=f"'results' at {endpoint} is unreachable"):
         storage.check()
+
+
+def test_with_the_object_store_unreachable_the_janitor_still_takes_back_leases(
+    store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The janitor's sweep needs the object store, its lease check only the
+    database: the one failing does not hold up the other, and the log says which
+    one fails (never that the janitor "works again" while the store is still away)."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    closed = SeaweedS3(endpoint, "key", "secret").client(retries={"total_max_attempts": 1})
+    storage = S3ResultStorage("results", "", clock, client=closed)
+    key = store.create_key("alice")[0]
+    params = EditParams(prompt="edit", image_urls=["https://example.com/a.png"])
+    task = store.create_task(pending_task(key, clock.now(), params, credits=1.0))[0]
+    assert store.claim_next("gone", 1.0) is not None
+    clock.advance(2)
+    janitor = Janitor(
+        store, storage, max_attempts=2, interval_seconds=3600, lease_seconds=0.2,
+        upload_ttl_seconds=60,
+    )  # fmt: skip
+    janitor.start()
+    try:
+        wait_for(
+            lambda: store.get_task(task.id).status.value == "pending",  # type: ignore[union-attr]
+            timeout=20,
+            what="the lease to be taken back",
+        )
+    finally:
+        janitor.stop()
+    messages = [record.getMessage() for record in caplog.records]
+    assert "the janitor's sweep of expired files and keys failed; retrying" in messages
+    assert not any("works again" in message for message in messages), messages
 
 
 def test_s3_storage_serves_no_files_itself() -> None:
