@@ -73,7 +73,9 @@ def build_settings(**options: Any) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+            f"{'.'.join(str(p) for p in error['loc'])}: "
+            f"{error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
         )
         raise click.UsageError(f"invalid settings: {problems}") from None
 

@@ -7,10 +7,12 @@ model computes and a crash of the engine never takes the API down.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import multiprocessing
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -59,7 +61,9 @@ def serve(settings: Settings) -> None:
         specs = settings.model_specs()
     except ModelsFileError as exc:
         raise StartupError(str(exc)) from None
-    with _exclusive(settings.data_dir):
+    with _exclusive(settings.data_dir), _listening(settings.host, settings.port) as listener:
+        if settings.port == 0:
+            settings = settings.model_copy(update={"port": listener.getsockname()[1]})
         store = open_store(settings)
         clock = SystemClock()
         storage = result_storage(settings, clock)
@@ -131,9 +135,8 @@ def serve(settings: Settings) -> None:
         _print_hint(settings, store, specs)
         try:
             # uvicorn's loggers go through ours (JSON lines when not on a terminal).
-            uvicorn.run(
-                app, host=settings.host, port=settings.port, log_level="info", log_config=None
-            )
+            config = uvicorn.Config(app, log_level="info", log_config=None)
+            uvicorn.Server(config).run(sockets=[listener])
         finally:
             dispatcher.stop()
             janitor.stop()
@@ -231,6 +234,35 @@ class WorkerSupervisor:
             return
         if taken:
             log.warning("%d task(s) of the dead worker went back to the queue or failed", taken)
+
+
+@contextmanager
+def _listening(host: str, port: int) -> Iterator[socket.socket]:
+    """The server's socket, bound before anything slow starts (the models load in
+    the meantime), so that a port already taken stops start-up at once."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        message = f"Cannot listen on {host}:{port}: {exc.strerror}; check --host."
+        raise StartupError(message) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = (
+            "another server is using it; stop that one or choose another --port"
+            if exc.errno == errno.EADDRINUSE
+            else "check --host and --port"
+        )
+        raise StartupError(f"Cannot listen on {host}:{port}: {exc.strerror}; {hint}.") from None
+    try:
+        yield sock
+    finally:
+        sock.close()
 
 
 @contextmanager

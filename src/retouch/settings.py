@@ -238,6 +238,15 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
 
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("s3://"):
+            bucket = value.removeprefix("s3://").partition("/")[0]
+            if not bucket:
+                raise ValueError(f"{value!r} names no bucket: use s3://BUCKET[/PREFIX]")
+        return value
+
     def model_specs(self) -> list[ModelSpec]:
         """The models this server serves: --model, else --models-file, else the default file."""
         if self.model and self.models_file:

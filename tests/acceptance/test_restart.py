@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -164,6 +165,28 @@ def test_a_database_url_that_cannot_work_is_explained(tmp_path: Path, url: str, 
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert said in result.stderr and "--database-url" in result.stderr
+
+
+def test_a_port_already_taken_stops_startup_before_the_models_load(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = retouch_cli(
+            "serve", "--data-dir", str(tmp_path / "data"), "--port", str(port),
+            "--model", "fixture", check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"retouch: Cannot listen on 127.0.0.1:{port}: Address already in use; another server "
+        "is using it; stop that one or choose another --port."
+    ]
+
+
+def test_an_s3_location_without_a_bucket_is_a_usage_error(tmp_path: Path) -> None:
+    result = retouch_cli(
+        "serve", "--data-dir", str(tmp_path / "data"), "--storage", "s3://", check=False
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "storage: 's3://' names no bucket: use s3://BUCKET[/PREFIX]" in result.stderr
 
 
 def test_two_servers_cannot_share_a_data_directory(tmp_path: Path) -> None:
