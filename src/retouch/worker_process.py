@@ -107,12 +107,15 @@ def run_worker(settings: Settings) -> None:
     """`retouch worker`: serve tasks from the shared database until SIGTERM, then
     finish the running task (for up to the grace period) and exit 0."""
     configure_logging()
+    # Bound first: a port already taken stops start-up before the models load, and
+    # /healthz answers (and /readyz says why not ready) while they do.
+    health = _HealthServer(settings) if settings.worker_port is not None else None
     try:
-        store = open_database(settings.resolved_database_url, pool_size=settings.db_pool_size)
-    except DatabaseOpenError as exc:
-        raise WorkerStartupError(str(exc)) from None
-    log.info("loading %s", ", ".join(spec.name for spec in settings.model_specs()))
-    worker = build_worker(settings, store)
+        worker, store = _start_worker(settings)
+    except BaseException:
+        if health is not None:
+            health.close()
+        raise
 
     def drain(signum: int, _frame: object) -> None:
         if worker.draining.is_set():
@@ -123,7 +126,8 @@ def run_worker(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
-    health = _HealthServer(settings, worker) if settings.worker_port is not None else None
+    if health is not None:
+        health.worker = worker
     try:
         worker.run()
     finally:
@@ -135,10 +139,25 @@ def run_worker(settings: Settings) -> None:
     log.info("worker %s exited cleanly", worker.worker_id)
 
 
-class _HealthServer:
-    """`/healthz`, `/readyz` and `/metrics` of a worker process, on its own port."""
+def _start_worker(settings: Settings) -> tuple[Worker, Store]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite file's home
+    try:
+        store = open_database(settings.resolved_database_url, pool_size=settings.db_pool_size)
+    except DatabaseOpenError as exc:
+        raise WorkerStartupError(str(exc)) from None
+    log.info("loading %s", ", ".join(spec.name for spec in settings.model_specs()))
+    try:
+        return build_worker(settings, store), store
+    except BaseException:
+        store.close()
+        raise
 
-    def __init__(self, settings: Settings, worker: Worker) -> None:
+
+class _HealthServer:
+    """`/healthz`, `/readyz` and `/metrics` of a worker process, on its own port;
+    not ready until `worker` is set (its models loaded)."""
+
+    def __init__(self, settings: Settings) -> None:
         from retouch.metrics import render_latest
 
         outer = self
@@ -155,8 +174,15 @@ class _HealthServer:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        self.worker = worker
-        self.server = ThreadingHTTPServer((settings.host, settings.worker_port or 0), Handler)
+        self.worker: Worker | None = None
+        address = (settings.host, settings.worker_port or 0)
+        try:
+            self.server = ThreadingHTTPServer(address, Handler)
+        except OSError as exc:
+            raise WorkerStartupError(
+                f"Cannot serve health and metrics on {settings.host}:{settings.worker_port}: "
+                f"{exc.strerror}; choose another --worker-port."
+            ) from None
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
@@ -170,9 +196,13 @@ class _HealthServer:
         status = 200
         document: dict[str, Any] = {"status": "ok"}
         if route == "/readyz":
-            problems = readiness_problems(self.worker.store, self.worker.storage)
-            if self.worker.draining.is_set():
-                problems.append("draining: claims no new tasks")
+            worker = self.worker
+            if worker is None:
+                problems = ["starting: loading the models"]
+            else:
+                problems = readiness_problems(worker.store, worker.storage)
+                if worker.draining.is_set():
+                    problems.append("draining: claims no new tasks")
             status = 503 if problems else 200
             document = {"status": "unavailable" if problems else "ready", "problems": problems}
         elif route != "/healthz":

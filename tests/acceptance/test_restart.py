@@ -181,6 +181,23 @@ def test_a_port_already_taken_stops_startup_before_the_models_load(tmp_path: Pat
     ]
 
 
+def test_a_worker_port_already_taken_stops_the_worker_before_its_models_load(
+    tmp_path: Path,
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = retouch_cli(
+            "worker", "--data-dir", str(tmp_path / "data"), "--worker-port", str(port),
+            "--model", "fixture", check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"retouch: Cannot serve health and metrics on 127.0.0.1:{port}: Address already in "
+        "use; choose another --worker-port."
+    )
+    assert "loading" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_an_s3_location_without_a_bucket_is_a_usage_error(tmp_path: Path) -> None:
     result = retouch_cli(
         "serve", "--data-dir", str(tmp_path / "data"), "--storage", "s3://", check=False

@@ -205,13 +205,17 @@ def test_worker_health_server_answers_health_readiness_and_metrics(
         clock=clock,
     )
     settings = Settings(data_dir=tmp_path / "data", host="127.0.0.1", worker_port=0)
-    health = _HealthServer(settings, worker)
+    health = _HealthServer(settings)
     base = f"http://127.0.0.1:{health.port}"
     try:
         assert health.port > 0
         response = httpx.get(f"{base}/healthz?probe=1", timeout=10)
         assert (response.status_code, response.json()) == (200, {"status": "ok"})
         assert response.headers["content-type"] == "application/json"
+        # Alive while the models load, not ready until the worker is there.
+        loading = {"status": "unavailable", "problems": ["starting: loading the models"]}
+        assert readyz(base) == (503, loading)
+        health.worker = worker
         assert readyz(base) == (200, {"status": "ready", "problems": []})
 
         metrics = httpx.get(f"{base}/metrics", timeout=10)
