@@ -424,7 +424,7 @@ def start_deployment(config: Config, workdir: Path, stack: ExitStack) -> Deploym
         commands = single_commands(config, workdir, pg_url, model)
     else:
         commands = scale_out_commands(workdir, database_url, model)
-    secret = secrets.token_urlsafe(16)
+    secret = secrets.token_urlsafe(32)
     servers = [spawn(*command, workdir, stack, secret) for command in commands]
     for server in servers:
         wait_until_healthy(server, "/healthz", STARTUP_TIMEOUT_SECONDS)

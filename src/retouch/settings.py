@@ -10,6 +10,7 @@ import os
 import secrets
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,7 @@ from retouch.models import (
 )
 
 DEFAULT_MODEL_NAME = "qwen-image-edit"
+MIN_SECRET_KEY_LENGTH = 32
 
 
 class Settings(BaseSettings):
@@ -163,8 +165,8 @@ class Settings(BaseSettings):
     )
     secret_key: str | None = Field(
         default=None,
-        description="Signs result links (environment only); default: generated once into "
-        "the data directory.",
+        description="Signs result links, uploads and callbacks (environment only; at least "
+        "32 characters); default: generated once into the data directory.",
     )
 
     # Accounts, credits and limits.
@@ -237,6 +239,39 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("fetch_ports", "callback_ports")
+    @classmethod
+    def _port_list(cls, value: str) -> str:
+        if value != "any":
+            for port in value.split(","):
+                if not 1 <= int(port) <= 65535:
+                    raise ValueError(f"{port} is no TCP port (1-65535)")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"{value!r} is no http(s) URL with a host, e.g. https://retouch.example.com"
+                )
+            if parts.query or parts.fragment:
+                raise ValueError(f"{value!r}: a base URL takes no query or fragment")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: str | None) -> str | None:
+        # It signs result links, uploads and callbacks: as strong as the one generated.
+        if value is not None and len(value) < MIN_SECRET_KEY_LENGTH:
+            raise ValueError(
+                f"too short ({len(value)} characters; at least {MIN_SECRET_KEY_LENGTH}): "
+                "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return value
 
     @field_validator("storage")
     @classmethod

@@ -35,7 +35,7 @@ from tests.support import (
 pytestmark = pytest.mark.acceptance
 
 TASKS = 200
-SHARED_SECRET = "scale-out-shared-secret"
+SHARED_SECRET = "scale-out-shared-secret-of-32-chars-or-more"
 TERMINAL = {"completed", "failed", "cancelled"}
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from retouch.models import (
     DEFAULT_MODELS_FILE,
@@ -107,3 +108,36 @@ def test_settings_build_the_shortcut_with_a_lora() -> None:
 def test_model_and_models_file_are_exclusive(tmp_path: Path) -> None:
     with pytest.raises(ModelsFileError, match="either"):
         Settings(model="demo", models_file=write(tmp_path, TWO_MODELS)).model_specs()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("fetch_ports", "80,70000", "70000 is no TCP port (1-65535)"),
+        ("callback_ports", "0", "0 is no TCP port (1-65535)"),
+        ("public_url", "retouch.example.com", "is no http(s) URL with a host"),
+        ("public_url", "ftp://retouch.example.com", "is no http(s) URL with a host"),
+        ("public_url", "https://retouch.example.com/?a=1", "takes no query or fragment"),
+        ("secret_key", "s" * 31, "too short (31 characters; at least 32)"),
+        ("storage", "s3:///prefix", "names no bucket"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_why(
+    field: str, value: str, said: str
+) -> None:
+    with pytest.raises(ValidationError) as raised:
+        Settings(**{field: value})
+    (error,) = raised.value.errors()
+    assert error["loc"] == (field,) and said in error["msg"]
+
+
+def test_settings_at_the_edges_are_taken() -> None:
+    settings = Settings(
+        fetch_ports="1,65535",
+        callback_ports="any",
+        public_url="http://10.0.0.5:8000/retouch",
+        secret_key="s" * 32,
+        storage="s3://bucket",
+    )
+    assert settings.allowed_fetch_ports == frozenset({1, 65535})
+    assert settings.signing_key() == b"s" * 32
