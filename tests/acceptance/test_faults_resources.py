@@ -354,7 +354,7 @@ def test_a_clock_jump_past_expiry_expires_links_and_loses_no_task(
     image = host.add("/a.png", noise_png())
     release = threading.Event()
     held = host.stream("/held.png", stalls_the_first_time(noise_png(), release))
-    lease = 9.0  # renewed every 3 s; the janitor takes one back after 4.5 s seen expired
+    lease = 12.0  # renewed every 4 s; the janitor takes one back after 6 s seen expired
     server = ServeProcess(
         data_dir,
         *fixture_args(
