@@ -42,6 +42,11 @@ def migrate(engine: Engine) -> None:
             raise RuntimeError("the SQLite connection is closed")
         raw.execute("PRAGMA foreign_keys=OFF")
         try:
+            # One transaction for the whole upgrade, begun here (BEGIN IMMEDIATE: the
+            # write lock, waited for): Alembic then runs every revision in it. Left
+            # to itself it commits after each revision on SQLite, and a process
+            # starting at the same moment could apply the next one in between.
+            conn.begin()
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
             conn.commit()
