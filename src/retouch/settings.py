@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from retouch.accounts import DEFAULT_CREDITS, MAX_CREDITS, GroupLimits, Limits
+from retouch.api.schemas import url_problem
 from retouch.models import (
     DEFAULT_MODELS_FILE,
     LoraSpec,
@@ -253,11 +254,10 @@ class Settings(BaseSettings):
     @classmethod
     def _public_url(cls, value: str | None) -> str | None:
         if value is not None:
+            problem = url_problem(value, ("http", "https"))
+            if problem:
+                raise ValueError(f"{problem}; e.g. https://retouch.example.com")
             parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(
-                    f"{value!r} is no http(s) URL with a host, e.g. https://retouch.example.com"
-                )
             if parts.query or parts.fragment:
                 raise ValueError(f"{value!r}: a base URL takes no query or fragment")
         return value

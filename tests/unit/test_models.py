@@ -115,8 +115,9 @@ def test_model_and_models_file_are_exclusive(tmp_path: Path) -> None:
     [
         ("fetch_ports", "80,70000", "70000 is no TCP port (1-65535)"),
         ("callback_ports", "0", "0 is no TCP port (1-65535)"),
-        ("public_url", "retouch.example.com", "is no http(s) URL with a host"),
-        ("public_url", "ftp://retouch.example.com", "is no http(s) URL with a host"),
+        ("public_url", "retouch.example.com", "must be an http or https URL"),
+        ("public_url", "ftp://retouch.example.com", "must be an http or https URL"),
+        ("public_url", "https:///v1", "has no host"),
         ("public_url", "https://retouch.example.com/?a=1", "takes no query or fragment"),
         ("secret_key", "s" * 31, "too short (31 characters; at least 32)"),
         ("storage", "s3:///prefix", "names no bucket"),

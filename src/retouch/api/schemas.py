@@ -86,7 +86,7 @@ class QwenImageEditRequest(BaseModel):
         for index, url in enumerate(urls):
             if url[:5].lower() == "data:":
                 continue  # decoded and checked at submission (retouch.uploads)
-            problem = _url_problem(url, ("http", "https"))
+            problem = url_problem(url, ("http", "https"))
             if problem:
                 raise ValueError(f"image_urls[{index}] {problem}")
         return urls
@@ -95,7 +95,7 @@ class QwenImageEditRequest(BaseModel):
     @classmethod
     def _check_callback(cls, url: str | None) -> str | None:
         if url is not None:
-            problem = _url_problem(url, ("https",))
+            problem = url_problem(url, ("https",))
             if problem:
                 raise ValueError(f"callback_url {problem}")
         return url
@@ -128,7 +128,8 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
-def _url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """What makes `url` unusable as an absolute URL of one of `schemes`, or None."""
     if len(url) > MAX_URL_LENGTH:
         return f"is longer than {MAX_URL_LENGTH} characters"
     try:
