@@ -295,3 +295,15 @@ def pending_task(
         user_group=key.user_group,
         credits_reserved=credits,
     )
+
+
+# Signed-link queries that are malformed rather than forged, and the parameter
+# each refusal names.
+MALFORMED_LINK_QUERIES = [
+    ("expires=1767225600&signature=%C3%A9", "signature"),  # compare_digest refuses non-ASCII
+    ("expires=1767225600&signature=" + "A" * 64, "signature"),
+    ("expires=%C2%B2&signature=" + "0" * 64, "expires"),  # "²": a digit int() refuses
+    ("expires=%D9%A3&signature=" + "0" * 64, "expires"),  # "٣": a digit int() takes
+    ("expires=" + "9" * 5000 + "&signature=" + "0" * 64, "expires"),  # past int()'s limit
+    ("expires=-1&signature=" + "0" * 64, "expires"),
+]

@@ -42,6 +42,7 @@ class StageTimes:
     steps: int = 0
     total: float = 0.0
     peak_memory_gib: float = 0.0
+    peak_reserved_gib: float | None = None  # CUDA only
     step_times: list[float] = field(default_factory=list)
 
     @property
@@ -51,7 +52,7 @@ class StageTimes:
         return self.denoise / self.steps if self.steps else 0.0
 
     def row(self) -> dict[str, float]:
-        return {
+        row = {
             "fetch_s": self.fetch,
             "text_encode_s": self.text_encode,
             "vae_encode_s": self.vae_encode,
@@ -62,6 +63,9 @@ class StageTimes:
             "total_s": self.total,
             "peak_memory_gib": self.peak_memory_gib,
         }
+        if self.peak_reserved_gib is not None:
+            row["peak_reserved_gib"] = self.peak_reserved_gib
+        return row
 
 
 def load_inputs(
@@ -115,7 +119,7 @@ def run_once(engine: Engine, job: EditJob, fetch_seconds: float) -> StageTimes:
     # The first mark is the start of the call: text and VAE encoding come before step 1.
     first_step = marks[1] - marks[0] - times.text_encode - times.vae_encode if len(marks) > 1 else 0
     times.denoise = max(first_step, 0.0) + sum(times.step_times)
-    times.peak_memory_gib = _peak_memory_gib(engine)
+    times.peak_memory_gib, times.peak_reserved_gib = _peak_memory(engine)
     return times
 
 
@@ -158,31 +162,49 @@ def _device(engine: Engine) -> str:
     return str(getattr(engine, "device", "cpu"))
 
 
-def _synchronizer(engine: Engine) -> Callable[[], None]:
+def _cuda_device(engine: Engine) -> Any:
+    """The engine's CUDA device (e.g. cuda:1), or None on any other device. The
+    torch.cuda calls below take it explicitly: without it they act on the current
+    device, cuda:0, whatever --device says."""
     if not _device(engine).startswith("cuda"):
+        return None
+    import torch
+
+    return torch.device(_device(engine))
+
+
+def _synchronizer(engine: Engine) -> Callable[[], None]:
+    device = _cuda_device(engine)
+    if device is None:
         return lambda: None
     import torch
 
     def synchronize() -> None:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
     return synchronize
 
 
 def _reset_peak_memory(engine: Engine) -> None:
-    if _device(engine).startswith("cuda"):
+    device = _cuda_device(engine)
+    if device is not None:
         import torch
 
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak_memory_gib(engine: Engine) -> float:
-    if _device(engine).startswith("cuda"):
+def _peak_memory(engine: Engine) -> tuple[float, float | None]:
+    """Peak GiB allocated by tensors and reserved by the caching allocator on a GPU
+    (reserved is what the device actually had to give); elsewhere the process's peak
+    resident memory and no reserved figure."""
+    device = _cuda_device(engine)
+    if device is not None:
         import torch
 
-        return float(torch.cuda.max_memory_allocated()) / 2**30
+        allocated = float(torch.cuda.max_memory_allocated(device)) / 2**30
+        return allocated, float(torch.cuda.max_memory_reserved(device)) / 2**30
     # The process's peak resident memory (kilobytes on Linux).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None
 
 
 def summary(runs: list[StageTimes]) -> dict[str, float]:

@@ -72,8 +72,9 @@ def build_settings(**options: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
+        # A field's problem names the field; one between fields names the flags itself.
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])}: "
+            f"{'.'.join(str(p) for p in error['loc']) + ': ' if error['loc'] else ''}"
             f"{error['msg'].removeprefix('Value error, ')}"
             for error in exc.errors()
         )
@@ -116,9 +117,9 @@ def serve(**options: Any) -> None:
     "data_dir", "database_url", "db_pool_size", "storage", "s3_endpoint_url", "s3_region", "host",
     "worker_port", "shutdown_grace_seconds", "model", "models_file", "model_name", "family",
     "steps", "true_cfg_scale", "device", "dtype", "offload", "compile", "quantize",
-    "quantize_text_encoder", "lora", "lora_weight", "lora_steps", "lora_true_cfg_scale", "price",
-    "result_ttl_seconds", "lease_seconds", "poll_interval_seconds", "allow_private_networks",
-    "fetch_ports", "fetch_timeout_seconds", "max_image_bytes",
+    "quantize_text_encoder", "lora", "lora_weight", "lora_steps", "lora_true_cfg_scale",
+    "lora_weight_name", "price", "result_ttl_seconds", "lease_seconds", "poll_interval_seconds",
+    "allow_private_networks", "fetch_ports", "fetch_timeout_seconds", "max_image_bytes",
 )  # fmt: skip
 def worker(**options: Any) -> None:
     """Run edits from a shared database (one process per GPU: --device cuda:N).
@@ -126,12 +127,14 @@ def worker(**options: Any) -> None:
     SIGTERM (or Ctrl-C) stops claiming, lets the running task finish for up to
     --shutdown-grace-seconds, hands it back to the queue if it has not, and exits 0.
     """
+    from retouch.models import ModelsFileError
     from retouch.worker_process import WorkerStartupError, run_worker
 
     settings = build_settings(**options)
     try:
+        settings.model_specs()  # a models problem is one line, before anything starts
         run_worker(settings)
-    except WorkerStartupError as exc:
+    except (WorkerStartupError, ModelsFileError) as exc:
         click.echo(f"retouch: {exc}", err=True)
         sys.exit(1)
 
@@ -404,8 +407,8 @@ def _admin_call(action: Callable[[], T]) -> T:
 @settings_options(
     "model", "models_file", "model_name", "family", "steps", "true_cfg_scale", "device",
     "dtype", "offload", "compile", "quantize", "quantize_text_encoder", "lora",
-    "lora_weight", "lora_steps", "lora_true_cfg_scale", "data_dir", "allow_private_networks",
-    "fetch_ports",
+    "lora_weight", "lora_steps", "lora_true_cfg_scale", "lora_weight_name", "data_dir",
+    "allow_private_networks", "fetch_ports",
 )  # fmt: skip
 def bench(
     runs: int, images: tuple[str, ...], size: str, prompt: str, as_json: bool, **options: Any
@@ -473,8 +476,12 @@ def _bench_line(row: dict[str, Any]) -> str:
 def demo_model(directory: Path) -> None:
     """Write the tiny random-weight Qwen-Image-Edit-Plus checkpoint to DIRECTORY."""
     from retouch.engine.demo import write_demo_checkpoint
+    from retouch.errors import ModelLoadError
 
-    path = write_demo_checkpoint(directory)
+    try:
+        path = write_demo_checkpoint(directory)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"Wrote the demo checkpoint to {path} (random weights: its output is noise).")
 
 

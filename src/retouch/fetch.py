@@ -4,12 +4,18 @@ Strangers choose these URLs. Every connection goes through the address guard
 (`retouch.netguard`): one lookup, non-public addresses refused unless
 `allow_private_networks` is on, then a connection to that pinned address.
 Redirects are followed by hand (at most three, each hop checked again), only
-allowed schemes and ports are used, and the bytes read and time taken are capped.
+allowed schemes and ports are used, and the bytes read are capped.
+
+One deadline covers the whole fetch of an image: every hop's lookup, connect,
+headers and body. Each hop gets only the time left, and a watchdog thread shuts
+the connection down when the deadline passes, so a server that drips its headers
+a byte at a time holds a worker no longer than the limit.
 """
 
 from __future__ import annotations
 
-import time
+import logging
+from collections.abc import Callable
 from urllib.parse import urljoin
 
 import httpx
@@ -23,10 +29,17 @@ from retouch.netguard import (
     guarded_transport,
     system_resolver,
 )
+from retouch.watchdog import Trip, Watchdog
+
+log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
 DEFAULT_PORTS = frozenset({80, 443})
 _REDIRECTS = {301, 302, 303, 307, 308}
+
+
+class FetchStopped(Exception):
+    """`should_stop` said to stop a fetch (its task was cancelled, its worker is stopping)."""
 
 
 class ImageFetcher:
@@ -63,54 +76,66 @@ class ImageFetcher:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def fetch(self, url: str, param: str) -> bytes:
-        """The body at `url`, or `InvalidInputError` naming `param` and the reason."""
-        deadline = time.monotonic() + self.timeout_seconds
-        seen: set[str] = set()
-        for _ in range(MAX_REDIRECTS + 1):
-            self._check_destination(url, param)
-            seen.add(url)
-            location, body = self._get(url, param, deadline)
-            if location is None:
-                return body
-            url = urljoin(url, location)
-            if url in seen:
-                raise InvalidInputError(f"the URL redirects in a loop (to {url})", param=param)
+    def fetch(
+        self, url: str, param: str, *, should_stop: Callable[[], bool] | None = None
+    ) -> bytes:
+        """The body at `url`, or `InvalidInputError` naming `param` and the reason.
+
+        `timeout_seconds` bounds the whole fetch, redirects included. `should_stop`
+        (cheap, thread-safe; asked about ten times a second) ends it early with
+        `FetchStopped`."""
+        with Watchdog(self.timeout_seconds, should_stop) as watchdog:
+            seen: set[str] = set()
+            for _ in range(MAX_REDIRECTS + 1):
+                self._check_destination(url, param)
+                seen.add(url)
+                location, body = self._get(url, param, watchdog)
+                if location is None:
+                    # A body without a length, cut short by the watchdog, reads as whole.
+                    self._check_watchdog(watchdog, param)
+                    return body
+                url = urljoin(url, location)
+                if url in seen:
+                    raise InvalidInputError(f"the URL redirects in a loop (to {url})", param=param)
         raise InvalidInputError(f"the URL redirects more than {MAX_REDIRECTS} times", param=param)
 
-    def _get(self, url: str, param: str, deadline: float) -> tuple[str | None, bytes]:
-        """GET one hop: the redirect target, or no target and the body."""
+    def _get(self, url: str, param: str, watchdog: Watchdog) -> tuple[str | None, bytes]:
+        """GET one hop, in the time left: the redirect target, or no target and the body."""
+        self._check_watchdog(watchdog, param)
+        left = watchdog.left()
+        timeout = httpx.Timeout(left, connect=min(10.0, left))
+        trace = {"trace": watchdog.trace}
         try:
-            with self._client.stream("GET", url) as response:
-                if response.status_code in _REDIRECTS:
-                    location = response.headers.get("location")
-                    if not location:
-                        raise InvalidInputError(
-                            f"the URL answered {response.status_code} without a Location",
-                            param=param,
-                        )
-                    return location, b""
-                if response.status_code != 200:
-                    raise InvalidInputError(
-                        f"downloading the image failed: the server answered HTTP "
-                        f"{response.status_code}",
-                        param=param,
-                    )
-                return None, self._read_capped(response, param, deadline)
+            with self._client.stream("GET", url, timeout=timeout, extensions=trace) as response:
+                return self._answer(response, param, watchdog)
         except DestinationRefused as exc:
             raise InvalidInputError(str(exc), param=param) from None
         except httpx.InvalidURL as exc:
             raise InvalidInputError(f"the URL is not valid: {exc}", param=param) from None
-        except httpx.TimeoutException:
-            raise InvalidInputError(
-                f"downloading the image timed out after {self.timeout_seconds:g} s", param=param
-            ) from None
         except httpx.HTTPError as exc:
-            raise InvalidInputError(
-                f"downloading the image failed: {type(exc).__name__}: {exc}", param=param
-            ) from None
+            self._check_watchdog(watchdog, param)  # the watchdog cut the connection
+            raise self._failed(exc, param) from None
+        finally:
+            watchdog.forget_connections()
 
-    def _read_capped(self, response: httpx.Response, param: str, deadline: float) -> bytes:
+    def _answer(
+        self, response: httpx.Response, param: str, watchdog: Watchdog
+    ) -> tuple[str | None, bytes]:
+        if response.status_code in _REDIRECTS:
+            location = response.headers.get("location")
+            if not location:
+                raise InvalidInputError(
+                    f"the URL answered {response.status_code} without a Location", param=param
+                )
+            return location, b""
+        if response.status_code != 200:
+            raise InvalidInputError(
+                f"downloading the image failed: the server answered HTTP {response.status_code}",
+                param=param,
+            )
+        return None, self._read_capped(response, param, watchdog)
+
+    def _read_capped(self, response: httpx.Response, param: str, watchdog: Watchdog) -> bytes:
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             raise InvalidInputError(self._too_large(), param=param)
@@ -120,13 +145,30 @@ class ImageFetcher:
             size += len(chunk)
             if size > self.max_bytes:
                 raise InvalidInputError(self._too_large(), param=param)
-            if time.monotonic() > deadline:
-                raise InvalidInputError(
-                    f"downloading the image took longer than {self.timeout_seconds:g} s",
-                    param=param,
-                )
+            self._check_watchdog(watchdog, param)
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def _check_watchdog(self, watchdog: Watchdog, param: str) -> None:
+        trip = watchdog.tripped()
+        if trip is Trip.STOP:
+            raise FetchStopped(f"fetching {param} was stopped")
+        if trip is Trip.DEADLINE:
+            raise self._timed_out(param)
+
+    def _failed(self, exc: httpx.HTTPError, param: str) -> InvalidInputError:
+        if isinstance(exc, httpx.TimeoutException):
+            return self._timed_out(param)
+        return InvalidInputError(
+            f"downloading the image failed: {type(exc).__name__}: {exc}", param=param
+        )
+
+    def _timed_out(self, param: str) -> InvalidInputError:
+        return InvalidInputError(
+            f"downloading the image took longer than {self.timeout_seconds:g} s "
+            "(the limit for one image, redirects included)",
+            param=param,
+        )
 
     def _too_large(self) -> str:
         return f"the image is larger than {self.max_bytes // (1024 * 1024)} MB"

@@ -11,7 +11,7 @@ import io
 import re
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from retouch.errors import InvalidInputError
 
@@ -41,16 +41,25 @@ def _decode(data: bytes, param: str) -> Image.Image:
             f"{MIN_SIDE}-{MAX_SIDE} pixels",
             param=param,
         )
+    try:
+        return _pixels(image, param)
+    except (InvalidInputError, MemoryError):
+        raise
+    except Exception as exc:
+        # Pillow's parsers meet hostile bytes with whatever they raise (TypeError,
+        # KeyError, struct.error…): all of it is a bad image, not a server error.
+        raise InvalidInputError(
+            f"the {image.format} image is truncated or corrupt ({type(exc).__name__}: {exc})",
+            param=param,
+        ) from None
+
+
+def _pixels(image: Image.Image, param: str) -> Image.Image:
     if getattr(image, "n_frames", 1) > 1:
         raise InvalidInputError(
             "animated images are not supported; send a single still image", param=param
         )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInputError(
-            f"the {image.format} image is truncated or corrupt ({exc})", param=param
-        ) from None
+    image.load()
     upright = ImageOps.exif_transpose(image)
     return _to_rgb(upright)
 
@@ -74,7 +83,9 @@ def _open(data: bytes, param: str) -> Image.Image:
             f"width and height must be within {MIN_SIDE}-{MAX_SIDE} pixels",
             param=param,
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except MemoryError:
+        raise
+    except Exception:  # UnidentifiedImageError, or whatever a parser raised on these bytes
         claimed = _claimed_format(data)
         if claimed:
             raise InvalidInputError(

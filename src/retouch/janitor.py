@@ -8,13 +8,20 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from retouch.errors import first_line
 from retouch.logs import RepeatedFailure
 from retouch.storage import ResultStorage
-from retouch.store import Store
+from retouch.store import Store, database_unavailable
 
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL_SECONDS = 5.0
+# Tasks listed at a time by a sweep of result files.
+SWEEP_BATCH = 500
+# A sweep of result files stops after this many tasks in a row whose files could
+# not be deleted: the result storage is likely unreachable, and the lease checks
+# that share this thread should not wait on it. The next sweep begins after them.
+FAILURES_IN_A_ROW = 3
 
 
 class Janitor:
@@ -28,6 +35,7 @@ class Janitor:
         upload_ttl_seconds: float | None = None,
         lease_seconds: float = 60.0,
         monotonic: Callable[[], float] = time.monotonic,
+        batch_size: int = SWEEP_BATCH,
     ) -> None:
         self.store = store
         self.storage = storage
@@ -37,19 +45,17 @@ class Janitor:
         # The length of a lease whose task does not say (leased by an older version).
         self.lease_seconds = lease_seconds
         self._monotonic = monotonic
+        self.batch_size = batch_size
+        # Where each sweep of result files begins next, after one that stopped.
+        self._resume: dict[str, str] = {}
         # Expired leases seen: task -> (its expiry, when first seen expired so).
         self._sightings: dict[str, tuple[datetime, float]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def purge_expired_results(self) -> int:
-        purged = 0
-        while batch := self.store.expired_results():
-            for task_id in batch:
-                # Every object of the task: its results and any a late attempt left.
-                self.storage.delete_task(task_id)
-            self.store.mark_results_purged(batch)
-            purged += len(batch)
+        # Every object of the task: its results and any a late attempt left.
+        purged = self._sweep("expired", self.store.expired_results)
         if purged:
             log.info("janitor: deleted the expired results of %d task(s)", purged)
         return purged
@@ -58,15 +64,51 @@ class Janitor:
         """Delete the result images an attempt killed while storing them left behind,
         once its task has ended without results (failed, or cancelled, after the
         attempt). A task that ran again and completed swept them itself."""
-        swept = 0
-        while batch := self.store.abandoned_results():
-            for task_id in batch:
-                self.storage.delete_task(task_id)
-            self.store.mark_results_purged(batch)
-            swept += len(batch)
+        swept = self._sweep("abandoned", self.store.abandoned_results)
         if swept:
             log.info("janitor: swept the leftovers of %d failed or cancelled task(s)", swept)
         return swept
+
+    def _sweep(self, name: str, listing: Callable[[int, str | None], list[str]]) -> int:
+        """Delete every object of the tasks `listing` names, a batch at a time in the
+        order of their ids, and mark them purged. A task whose objects cannot be
+        deleted is logged and passed over, left for the next sweep; after
+        `FAILURES_IN_A_ROW` in a row the sweep stops, raising, and the next one
+        begins after them, so no task can hold up the others for good."""
+        after = self._resume.pop(name, None)
+        swept = in_a_row = 0
+        while batch := listing(self.batch_size, after):
+            done: list[str] = []
+            for task_id in batch:
+                error = self._delete_task(task_id)
+                if error is None:
+                    done.append(task_id)
+                    in_a_row = 0
+                    continue
+                in_a_row += 1
+                if in_a_row >= FAILURES_IN_A_ROW:
+                    self.store.mark_results_purged(done)
+                    self._resume[name] = task_id
+                    raise error
+            self.store.mark_results_purged(done)
+            swept += len(done)
+            after = batch[-1]
+        return swept
+
+    def _delete_task(self, task_id: str) -> Exception | None:
+        """Delete a task's objects; the error, logged, when that failed."""
+        try:
+            self.storage.delete_task(task_id)
+        except Exception as exc:
+            log.warning(
+                "janitor: could not delete the result files of task %s (tried again at "
+                "the next sweep): %s: %s",
+                task_id,
+                type(exc).__name__,
+                first_line(exc),
+            )
+            return exc
+        return None
 
     def purge_uploads(self) -> int:
         """Delete uploaded images once they are as old as results may get."""
@@ -101,7 +143,9 @@ class Janitor:
             return 0
         reaped = self.store.reap_expired_leases(self.max_attempts, only=confirmed)
         if reaped:
-            log.warning("janitor: %d task(s) had lost their worker; requeued or failed", reaped)
+            log.warning(
+                "janitor: %d task(s) had lost their worker; requeued, failed or cancelled", reaped
+            )
         return reaped
 
     def start(self) -> None:
@@ -118,25 +162,38 @@ class Janitor:
         # long); files are swept at the configured interval.
         tick = min(self.interval_seconds, REAP_INTERVAL_SECONDS)
         since_purge = self.interval_seconds  # sweep once at start-up
-        # Apart: the sweep needs the result storage, the lease check only the database.
-        sweep_failures = RepeatedFailure(log, "the janitor's sweep of expired files and keys")
+        # Each apart: one failing (the result storage away, say) holds up no other,
+        # and the lease check needs only the database.
+        sweeps = [
+            (sweep, RepeatedFailure(log, f"the janitor's sweep of {what}"))
+            for sweep, what in (
+                (self.purge_expired_results, "expired results"),
+                (self.purge_abandoned_results, "what failed or cancelled tasks left"),
+                (self.forget_idempotency_keys, "expired idempotency keys"),
+                (self.purge_uploads, "expired uploads"),
+            )
+        ]
         lease_failures = RepeatedFailure(log, "the janitor's check of leases")
+        # The database away fails every job at once: that is told once, not per job.
+        database = RepeatedFailure(log, "the janitor (the database is unreachable)")
         while True:
             if since_purge >= self.interval_seconds:
                 since_purge = 0.0
-                try:
-                    self.purge_expired_results()
-                    self.purge_abandoned_results()
-                    self.forget_idempotency_keys()
-                    self.purge_uploads()
-                    sweep_failures.succeeded()
-                except Exception as exc:
-                    sweep_failures.failed(exc)
-            try:
-                self.reap_leases()
-                lease_failures.succeeded()
-            except Exception as exc:
-                lease_failures.failed(exc)
+                for sweep, failures in sweeps:
+                    _attempt(sweep, failures, database)
+            _attempt(self.reap_leases, lease_failures, database)
             if self._stop.wait(tick):
                 return
             since_purge += tick
+
+
+def _attempt(
+    work: Callable[[], object], failures: RepeatedFailure, database: RepeatedFailure
+) -> None:
+    try:
+        work()
+    except Exception as exc:
+        (database if database_unavailable(exc) else failures).failed(exc)
+        return
+    failures.succeeded()
+    database.succeeded()

@@ -3,7 +3,8 @@ the socket: every connection (redirect hops included) resolves its host once,
 is refused if any resolved address is not public, and then connects to that
 pinned address. TLS still verifies the certificate of the URL's host name
 (the name is kept for SNI and verification; only the lookup is ours), so DNS
-rebinding has no second lookup to exploit.
+rebinding has no second lookup to exploit. The lookup and the connection attempts
+share the connection's connect timeout; a lookup that outlives it is abandoned.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,8 +26,14 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list[str]]
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+# Special ranges `ipaddress` calls global on Python 3.11.7, or names too vaguely.
+_SPECIAL_RANGES = [
+    (ipaddress.ip_network("100.64.0.0/10"), "a shared (carrier-grade NAT) address"),
+    (ipaddress.ip_network("0.0.0.0/8"), "an address of 'this network' (0.0.0.0/8)"),
+    # 192.0.0.9 (PCP) and 192.0.0.10 (TURN) are anycast: they reach a nearby gateway.
+    (ipaddress.ip_network("192.0.0.0/24"), "an IETF protocol address (192.0.0.0/24)"),
+    (ipaddress.ip_network("3fff::/20"), "a documentation address (3fff::/20)"),
+]
 # Hosts made only of digits, dots and hex markers are numeric, whatever they spell.
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$", re.IGNORECASE)
 
@@ -33,9 +42,62 @@ class DestinationRefused(Exception):
     """A URL's destination is not allowed; the message says why, in plain words."""
 
 
+class LookupTimedOut(httpcore.ConnectTimeout):
+    """Resolving a host took longer than the connection may wait (a connect timeout)."""
+
+
 def system_resolver(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return sorted({str(info[4][0]) for info in infos})
+
+
+@dataclass
+class _Lookup:
+    done: threading.Event = field(default_factory=threading.Event)
+    addresses: list[str] = field(default_factory=list)
+    error: Exception | None = None
+
+
+class BoundedResolver:
+    """Runs a resolver on a thread of its own and waits for it at most `timeout`.
+
+    `getaddrinfo` cannot be interrupted: a lookup that outlives its wait is abandoned
+    (it ends on its thread; its answer is dropped). At most `max_running` lookups run
+    at once, abandoned ones included, so a resolver that hangs ties up few threads.
+    The threads are daemons: a hung lookup never holds up the process's exit."""
+
+    def __init__(self, resolver: Resolver, max_running: int = 16) -> None:
+        self._resolver = resolver
+        self._slots = threading.BoundedSemaphore(max_running)
+
+    def __call__(self, host: str, port: int, timeout: float | None) -> list[str]:
+        if timeout is None:
+            return self._resolver(host, port)
+        deadline = time.monotonic() + timeout
+        if not self._slots.acquire(timeout=timeout):
+            raise self._timed_out(host, timeout)
+        lookup = _Lookup()
+        threading.Thread(
+            target=self._run, args=(host, port, lookup), name=f"lookup {host}", daemon=True
+        ).start()
+        if not lookup.done.wait(max(0.0, deadline - time.monotonic())):
+            raise self._timed_out(host, timeout)
+        if lookup.error is not None:
+            raise lookup.error
+        return lookup.addresses
+
+    def _run(self, host: str, port: int, lookup: _Lookup) -> None:
+        try:
+            lookup.addresses = self._resolver(host, port)
+        except Exception as exc:
+            lookup.error = exc
+        finally:
+            self._slots.release()
+            lookup.done.set()
+
+    @staticmethod
+    def _timed_out(host: str, timeout: float) -> LookupTimedOut:
+        return LookupTimedOut(f"looking up the host {host!r} took longer than {timeout:g} s")
 
 
 def forbidden_reason(address: IPAddress) -> str | None:
@@ -48,11 +110,12 @@ def forbidden_reason(address: IPAddress) -> str | None:
         return "a loopback address"
     if address.is_link_local:
         return "a link-local address (where cloud metadata services live)"
-    if isinstance(address, ipaddress.IPv4Address):
-        if address in _CGNAT:
-            return "a shared (carrier-grade NAT) address"
-        if address in _THIS_NETWORK:
-            return "an address of 'this network' (0.0.0.0/8)"
+    # Python 3.11.7's is_private misses the old IPv6 private range (fec0::/10).
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
+        return "a site-local address (fec0::/10)"
+    for network, reason in _SPECIAL_RANGES:
+        if address in network:
+            return reason
     if address.is_multicast:
         return "a multicast address"
     if address.is_unspecified:
@@ -92,17 +155,19 @@ class AddressGuard:
         reason_for: Callable[[IPAddress], str | None] = forbidden_reason,
     ) -> None:
         self.allow_private_networks = allow_private_networks
-        self._resolver = resolver
+        self._resolve = BoundedResolver(resolver)
         self._reason_for = reason_for
 
-    def addresses(self, host: str, port: int) -> list[str]:
+    def addresses(self, host: str, port: int, timeout: float | None = None) -> list[str]:
+        """`host`'s addresses, each allowed, or `DestinationRefused`. A lookup that takes
+        longer than `timeout` seconds raises `LookupTimedOut`."""
         host = host.strip("[]")
         literal = literal_address(host)
         if literal is not None:
             candidates = [literal]
         else:
             try:
-                resolved = self._resolver(host, port)
+                resolved = self._resolve(host, port, timeout)
                 candidates = [ipaddress.ip_address(a.split("%")[0]) for a in resolved]
             except (OSError, ValueError):
                 raise DestinationRefused(f"the host {host!r} could not be resolved") from None
@@ -186,7 +251,8 @@ class UrlRules:
 
 
 class GuardedBackend(httpcore.SyncBackend):
-    """httpcore's socket layer, with the guard's resolution in place of the OS's."""
+    """httpcore's socket layer, with the guard's resolution in place of the OS's. The
+    connect timeout bounds the lookup and the connection attempts together."""
 
     def __init__(self, guard: AddressGuard) -> None:
         self.guard = guard
@@ -199,13 +265,25 @@ class GuardedBackend(httpcore.SyncBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
+        deadline = None if timeout is None else time.monotonic() + timeout
         last_error: httpcore.ConnectError | None = None
-        for address in self.guard.addresses(host, port):
+        for address in self.guard.addresses(host, port, timeout):
+            left = _time_left(deadline, host)
             try:
-                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+                return super().connect_tcp(address, port, left, local_address, socket_options)
             except httpcore.ConnectError as exc:
                 last_error = exc
         raise last_error or httpcore.ConnectError(f"could not connect to {host}")
+
+
+def _time_left(deadline: float | None, host: str) -> float | None:
+    """Seconds until `deadline` (None: no limit), or a connect timeout once it is past."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise httpcore.ConnectTimeout(f"connecting to {host} ran out of time")
+    return left
 
 
 def guarded_transport(guard: AddressGuard) -> httpx.HTTPTransport:

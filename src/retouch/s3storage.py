@@ -90,14 +90,19 @@ class S3ResultStorage:
         return bytes(response["Body"].read())
 
     def purge_uploads(self, older_than: datetime) -> int:
-        stale = []
+        """Delete the uploads stored before `older_than`. Other objects under the
+        prefix (a console's folder marker `uploads/`, say) are none of ours: they
+        are left alone, and never stop the purge."""
+        root = self._object_prefix("")
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._object_prefix(UPLOADS)
         )
+        stale = []
         for page in pages:
             for item in page.get("Contents", []):
-                if item["LastModified"] < older_than:
-                    stale.append(item["Key"].removeprefix(self._object_prefix("")))
+                key = item["Key"].removeprefix(root)
+                if item["LastModified"] < older_than and _KEY.match(key):
+                    stale.append(key)
         self.delete(stale)
         return len(stale)
 

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 _READY_TIMEOUT_SECONDS = 3600.0
 _STOP_GRACE_SECONDS = 15.0
 _RESTART_DELAY_SECONDS = 2.0
+# A worker that cannot be restarted is tried again after doubling waits, up to this.
+_MAX_RESTART_DELAY_SECONDS = 60.0
 
 
 class StartupError(Exception):
@@ -88,7 +90,7 @@ def serve(settings: Settings) -> None:
             lease_seconds=settings.lease_seconds,
         )
         janitor.start()
-        public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
+        server_url = _server_url(settings)
         service = TaskService(
             store,
             storage,
@@ -109,7 +111,7 @@ def serve(settings: Settings) -> None:
         )
         dispatcher = CallbackDispatcher(
             store,
-            lambda task: service.render(task, public_url),
+            lambda task: service.render_callback(task, server_url),
             settings.signing_key(),
             clock,
             CallbackPolicy(
@@ -185,9 +187,20 @@ class WorkerSupervisor:
             name="retouch-worker",
             daemon=True,
         )
-        process.start()
-        sender.close()
-        self._await_ready(process, receiver)
+        try:
+            process.start()
+        except BaseException:
+            receiver.close()
+            raise
+        finally:
+            sender.close()
+        try:
+            self._await_ready(process, receiver)
+        except BaseException:
+            if process.is_alive():  # still loading when it ran out of time
+                process.kill()
+                process.join()
+            raise
         return process
 
     def _await_ready(self, process: BaseProcess, receiver: Connection) -> None:
@@ -218,12 +231,22 @@ class WorkerSupervisor:
                 continue
             log.error("the worker process died (exit code %s); restarting it", process.exitcode)
             self._take_back(self.worker_id)
-            if self._stopping.wait(_RESTART_DELAY_SECONDS):
-                return
+            self._restart()
+
+    def _restart(self) -> None:
+        """Start a new worker, trying again after doubling waits until one starts or
+        the server stops: whatever goes wrong (the model no longer loads, no
+        process can be started), the monitor lives on."""
+        delay = _RESTART_DELAY_SECONDS
+        while not self._stopping.wait(delay):
+            delay = min(delay * 2, _MAX_RESTART_DELAY_SECONDS)
             try:
                 self._process = self._spawn()
+                return
             except StartupError as exc:
-                log.error("could not restart the worker: %s", exc)
+                log.error("could not restart the worker (next try in %.0f s): %s", delay, exc)
+            except Exception:
+                log.exception("could not restart the worker (next try in %.0f s)", delay)
 
     def _take_back(self, worker_id: str) -> None:
         try:
@@ -282,10 +305,16 @@ def _exclusive(data_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def _server_url(settings: Settings) -> str:
+    """Where this server listens, as a URL (an IPv6 address goes in brackets)."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{host}:{settings.port}"
+
+
 def _print_hint(settings: Settings, store: Store, specs: list[ModelSpec]) -> None:
     default_dir = settings.data_dir == Path("retouch-data")
     data_dir = "" if default_dir else f" --data-dir {settings.data_dir}"
-    url = f"http://{settings.host}:{settings.port}"
+    url = _server_url(settings)
     served = ", ".join(f"{spec.name!r} ({spec.checkpoint})" for spec in specs)
     lines = [f"Retouch is serving {served} on {url}"]
     if not store.list_keys():

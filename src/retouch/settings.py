@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from retouch.accounts import DEFAULT_CREDITS, MAX_CREDITS, GroupLimits, Limits
@@ -20,14 +21,23 @@ from retouch.api.schemas import url_problem
 from retouch.models import (
     DEFAULT_MODELS_FILE,
     LoraSpec,
-    ModelsFileError,
     ModelSpec,
+    check_lora,
     load_models_file,
     model_shortcut,
 )
 
 DEFAULT_MODEL_NAME = "qwen-image-edit"
 MIN_SECRET_KEY_LENGTH = 32
+
+# Settings that describe the one model served without --models-file (--model,
+# or the built-in model); a models file sets these per model instead.
+ONE_MODEL_SETTINGS = (
+    "model_name", "family", "steps", "true_cfg_scale", "price",
+    "lora", "lora_weight", "lora_steps", "lora_true_cfg_scale", "lora_weight_name",
+)  # fmt: skip
+# Settings that describe the --lora.
+LORA_SETTINGS = ("lora_weight", "lora_steps", "lora_true_cfg_scale", "lora_weight_name")
 
 
 class Settings(BaseSettings):
@@ -52,7 +62,8 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         default=None,
         description="Base URL of result links (set it behind a proxy or when serving beyond "
-        "loopback); default: the URL a request came in on, and http://HOST:PORT in callbacks.",
+        "loopback); default: the URL a request came in on (for a callback: the URL its task "
+        "was created through).",
     )
     max_request_bytes: int = Field(
         default=42 << 20,
@@ -67,21 +78,33 @@ class Settings(BaseSettings):
         "local checkpoint directory; default: the built-in models file (Qwen-Image-Edit-2511).",
     )
     models_file: Path | None = Field(
-        default=None, description="TOML file mapping API model names to checkpoints."
+        default=None,
+        description="TOML file mapping API model names to checkpoints, each with its own "
+        "settings (so --model-name, --family, --steps, --true-cfg-scale, --price and --lora* "
+        "are refused with it).",
     )
     model_name: str = Field(
-        default=DEFAULT_MODEL_NAME, description="API name of the model that --model serves."
+        default=DEFAULT_MODEL_NAME,
+        description="API name of the model that --model (or the built-in default) serves.",
     )
     family: Literal["auto", "edit", "edit-plus"] = Field(
         default="auto",
         description="Pipeline family of --model: `edit` (QwenImageEditPipeline, one image), "
-        "`edit-plus` (QwenImageEditPlusPipeline, 1-3 images) or `auto` (read from the checkpoint).",
+        "`edit-plus` (QwenImageEditPlusPipeline, 1-3 images) or `auto`: the pipeline class in "
+        "the checkpoint's model_index.json (a local directory's, or a Hugging Face id's in the "
+        "local cache), else by name (`…/Qwen-Image-Edit`: edit), else edit-plus.",
     )
     steps: int | None = Field(
-        default=None, ge=1, le=200, description="Denoising steps of --model; default: its own."
+        default=None,
+        ge=1,
+        le=200,
+        description="Denoising steps of --model (or the built-in default); default: its own.",
     )
     true_cfg_scale: float | None = Field(
-        default=None, ge=1.0, le=20.0, description="True CFG scale of --model; default: its own."
+        default=None,
+        ge=1.0,
+        le=20.0,
+        description="True CFG scale of --model (or the built-in default); default: its own.",
     )
     device: str | None = Field(
         default=None, description="Torch device, e.g. `cuda:0`; default: cuda if present, else cpu."
@@ -104,10 +127,12 @@ class Settings(BaseSettings):
         "needs a CUDA GPU of compute capability 8.9+; use with --compile.",
     )
     quantize_text_encoder: bool = Field(
-        default=False, description="Also quantize the text encoder when --quantize is set."
+        default=False, description="Also quantize the text encoder (needs --quantize fp8)."
     )
     lora: str | None = Field(
-        default=None, description="LoRA (file, directory or Hugging Face id) fused into --model."
+        default=None,
+        description="LoRA (file, directory or Hugging Face id) fused into --model (or the "
+        "built-in default).",
     )
     lora_weight: float = Field(default=1.0, gt=0, le=4, description="Scale of the --lora.")
     lora_steps: int | None = Field(
@@ -116,8 +141,16 @@ class Settings(BaseSettings):
     lora_true_cfg_scale: float | None = Field(
         default=None, ge=1.0, le=20.0, description="True CFG scale for the --lora (e.g. 1.0)."
     )
+    lora_weight_name: str | None = Field(
+        default=None,
+        description="The file to load from a --lora directory or Hugging Face repository, "
+        "e.g. `Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors`; "
+        "needed for a Hugging Face id, and for a directory holding several .safetensors files.",
+    )
     price: float | None = Field(
-        default=None, ge=0, description="Credits per image produced by --model; default 1."
+        default=None,
+        ge=0,
+        description="Credits per image produced by --model (or the built-in default); default 1.",
     )
     worker: bool = Field(default=True, description="Run the in-process worker.")
     worker_port: int | None = Field(
@@ -282,14 +315,52 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} names no bucket: use s3://BUCKET[/PREFIX]")
         return value
 
-    def model_specs(self) -> list[ModelSpec]:
-        """The models this server serves: --model, else --models-file, else the default file."""
+    @model_validator(mode="after")
+    def _settings_fit_together(self) -> Self:
+        """A setting that would do nothing is refused, never silently ignored."""
+        problems = []
         if self.model and self.models_file:
-            raise ModelsFileError("Give either --model or --models-file, not both.")
+            problems.append("give either --model or --models-file, not both")
+        elif self.models_file:
+            ignored = [name for name in ONE_MODEL_SETTINGS if self._is_set(name)]
+            if ignored:
+                one = len(ignored) == 1
+                problems.append(
+                    f"{_flags(ignored)} the one model of --model (or of the built-in "
+                    f"default), so {'it does' if one else 'they do'} nothing with "
+                    f"--models-file: set {'it' if one else 'them'} per model in "
+                    f"{self.models_file} instead ([models.NAME] keys and its lora table)"
+                )
+        else:
+            if not self.model and self.family != "auto":
+                problems.append(
+                    "--family says which pipeline the checkpoint of --model needs, and there is "
+                    "no --model (the built-in model's family is in its models file): give "
+                    "--model too or drop --family"
+                )
+            orphans = [name for name in LORA_SETTINGS if self._is_set(name)]
+            if orphans and not self.lora:
+                them = "it" if len(orphans) == 1 else "them"
+                problems.append(f"{_flags(orphans)} the --lora: add --lora or drop {them}")
+        if self.quantize_text_encoder and self.quantize == "none":
+            problems.append(
+                "--quantize-text-encoder needs --quantize fp8 (it quantizes the text encoder "
+                "too, besides the transformer)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _is_set(self, name: str) -> bool:
+        """Set to something other than its default (by a flag or a variable)."""
+        return bool(getattr(self, name) != type(self).model_fields[name].default)
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The models this server serves: --models-file, else --model, else the
+        built-in models file, whose one model takes the --model settings (--steps,
+        --lora…) as --model would."""
         if self.models_file:
             return load_models_file(self.models_file)
-        if not self.model:
-            return load_models_file(DEFAULT_MODELS_FILE)
         lora = None
         if self.lora:
             lora = LoraSpec(
@@ -297,15 +368,29 @@ class Settings(BaseSettings):
                 weight=self.lora_weight,
                 steps=self.lora_steps,
                 true_cfg_scale=self.lora_true_cfg_scale,
+                weight_name=self.lora_weight_name,
             )
+            check_lora(lora)
+        if self.model:
+            return [
+                model_shortcut(
+                    self.model_name,
+                    self.model,
+                    family=self.family,
+                    steps=self.steps,
+                    true_cfg_scale=self.true_cfg_scale,
+                    price=self.price,
+                    lora=lora,
+                )
+            ]
+        (default,) = load_models_file(DEFAULT_MODELS_FILE)  # the built-in file has one model
         return [
-            model_shortcut(
-                self.model_name,
-                self.model,
-                family=self.family,
-                steps=self.steps,
-                true_cfg_scale=self.true_cfg_scale,
-                price=self.price,
+            replace(
+                default,
+                name=self.model_name,
+                steps=self.steps or default.steps,
+                true_cfg_scale=self.true_cfg_scale or default.true_cfg_scale,
+                price=default.price if self.price is None else self.price,
                 lora=lora,
             )
         ]
@@ -366,6 +451,12 @@ class Settings(BaseSettings):
             finally:
                 staging.unlink()
         return path.read_text().strip().encode()
+
+
+def _flags(names: list[str]) -> str:
+    """`--a describes` or `--a, --b describe`."""
+    flags = ", ".join("--" + name.replace("_", "-") for name in names)
+    return f"{flags} {'describes' if len(names) == 1 else 'describe'}"
 
 
 def _ports(spec: str) -> frozenset[int] | None:

@@ -32,6 +32,11 @@ _KEY = re.compile(
 )
 _TASK_ID = re.compile(r"^task-unified-\d+-[a-z0-9]{8}$")
 UPLOADS = "uploads/"
+# A signed link's `expires`: a Unix time of ASCII digits, short enough for
+# `int()` and `datetime.fromtimestamp()` (11 digits reach the year 5138).
+_EXPIRES = re.compile(r"[0-9]{1,11}")
+# A signed link's `signature`: what `_sign` makes, a SHA-256 HMAC in lowercase hex.
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 # Local files are written under this prefix, then renamed into place.
 _TMP_PREFIX = ".tmp-"
 # Below this much free space a local result volume cannot take a result image
@@ -48,6 +53,18 @@ def new_run() -> str:
 def result_key(task_id: str, index: int, run: str) -> str:
     """Where attempt `run` of a task stores its result image number `index`."""
     return f"{task_id}/{index}-{run}.png"
+
+
+def link_expires(value: str) -> int | None:
+    """A signed link's `expires` as a Unix time, or None when it is not one: `int()`
+    alone would take `"٣"` and choke on 5,000 digits."""
+    return int(value) if _EXPIRES.fullmatch(value) else None
+
+
+def signature_matches(expected: str, given: str) -> bool:
+    """Whether `given` is the signature `expected`, in constant time. Only
+    well-formed ones are compared: `compare_digest` raises on non-ASCII text."""
+    return _SIGNATURE.fullmatch(given) is not None and hmac.compare_digest(expected, given)
 
 
 def task_prefix(task_id: str) -> str:
@@ -181,7 +198,8 @@ class LocalResultStorage:
         for key in keys:
             path = self._path(key)
             path.unlink(missing_ok=True)
-            folders.add(path.parent)
+            if not key.startswith(UPLOADS):  # shared by every upload, written meanwhile
+                folders.add(path.parent)
         for folder in folders:
             _remove_if_empty(folder)
 
@@ -205,7 +223,7 @@ class LocalResultStorage:
 
     def open_signed(self, key: str, expires: int, signature: str) -> Path:
         """The file behind a link, after checking its signature and expiry."""
-        if not _KEY.match(key) or not hmac.compare_digest(self._sign(key, expires), signature):
+        if not _KEY.match(key) or not signature_matches(self._sign(key, expires), signature):
             raise PermissionDeniedError(
                 "This result link is invalid: its signature does not match",
                 param="signature",

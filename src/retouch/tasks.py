@@ -106,6 +106,8 @@ class Task:
     results_expire_at: datetime | None = None
     # Its place in the queue: `created_at`, earlier for vip tasks.
     priority_at: datetime | None = None
+    # The address it was created through (for its callback's links), if it matters.
+    base_url: str | None = None
 
     @property
     def created(self) -> int:

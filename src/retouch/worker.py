@@ -11,7 +11,6 @@ worker that was presumed dead can never finish a task twice.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import queue
@@ -29,7 +28,7 @@ from PIL import Image
 from retouch.clock import Clock, SystemClock
 from retouch.engine.base import EditJob, Engine, Interrupted
 from retouch.errors import InvalidInputError, first_line
-from retouch.fetch import ImageFetcher
+from retouch.fetch import FetchStopped, ImageFetcher
 from retouch.images import decode_image, encode_png
 from retouch.logs import RepeatedFailure, context
 from retouch.metrics import STAGE_SECONDS, STEP_SECONDS, TASKS_FINISHED
@@ -121,7 +120,7 @@ class Worker:
             with prepared.lease:
                 if self.draining.is_set() or self.stopping.is_set():
                     # Claimed ahead but not started: someone else may run it now.
-                    self.store.release(prepared.task.id, self.worker_id)
+                    self._hand_back(prepared.task.id)
                     continue
                 self.busy.set()
                 try:
@@ -135,6 +134,14 @@ class Worker:
                     self.busy.clear()
         prefetcher.join()
         log.info("worker %s stopped", self.worker_id)
+
+    def _hand_back(self, task_id: str) -> None:
+        try:
+            self.store.release(task_id, self.worker_id)
+        except Exception:
+            # The database is away (a drain during its restart, say): the lease will
+            # expire and the task run again; the drain goes on.
+            log.exception("task %s: could not be handed back to the queue", task_id)
 
     # -- stage 1: claim and prepare ---------------------------------------
 
@@ -192,10 +199,10 @@ class Worker:
             with context(task_id=task.id, worker_id=self.worker_id):
                 prepared = self._prepare(task, lease)
         except Exception:
-            # Failing it did not work either (the worker was stopped while the
+            # Failing (or cancelling) it did not work (the worker was stopped while the
             # database was away, or the store broke): its lease will expire and the
             # task will run again; the worker goes on.
-            log.exception("task %s: could not be failed", task.id)
+            log.exception("task %s: could not be failed or cancelled", task.id)
             lease.stop()
             return False
         except BaseException:
@@ -209,10 +216,18 @@ class Worker:
 
     def _prepare(self, task: Task, lease: _LeaseKeeper) -> _Prepared | None:
         """Check the prompt and fetch the inputs, or finalize the task here."""
+        if task.cancel_requested:
+            # Cancelled before this claim (handed back by an older version, say):
+            # nothing is fetched or run.
+            self.cancel(task.id)
+            return None
         model = self.models[task.model]
         try:
             check_prompt(model.engine, task.params.prompt)
             images = self._fetch_inputs(task, model.spec)
+        except FetchStopped:
+            self._fetch_stopped(task.id)
+            return None
         except InvalidInputError as exc:
             log.info("task %s: bad input %s: %s", task.id, exc.param, exc.message)
             error = TaskError(code=exc.status, type=exc.type, message=exc.message, param=exc.param)
@@ -224,6 +239,17 @@ class Worker:
             return None
         return _Prepared(task, model, images, lease)
 
+    def _fetch_stopped(self, task_id: str) -> None:
+        """A fetch ended early: the worker is stopping (the task goes back to the
+        queue), the task was cancelled (it is cancelled here) or its lease was lost."""
+        if self.stopping.is_set():
+            log.info("task %s: fetching its inputs stopped: the worker is stopping", task_id)
+            self._hand_back(task_id)
+        elif self.store.cancel_was_requested(task_id):
+            self.cancel(task_id)
+        else:
+            log.warning("task %s: lease lost while fetching its inputs", task_id)
+
     def fail(self, task_id: str, error: TaskError) -> bool:
         """Fail a task this worker holds; False if its lease was lost."""
         return finalize(
@@ -234,6 +260,23 @@ class Worker:
             lambda task: task.status is TaskStatus.FAILED,
         )
 
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task this worker holds whose cancel was requested; False if its
+        lease was lost."""
+        cancelled = finalize(
+            self,
+            task_id,
+            "cancelling",
+            lambda: self.store.cancel_running(task_id, self.worker_id),
+            lambda task: task.status is TaskStatus.CANCELLED,
+        )
+        if cancelled:
+            TASKS_FINISHED.labels("cancelled").inc()
+            log.info("task %s: cancelled", task_id)
+        else:
+            log.warning("task %s: lease lost before it could be cancelled", task_id)
+        return cancelled
+
     def _fetch_inputs(self, task: Task, spec: ModelSpec) -> list[Image.Image]:
         urls = task.params.image_urls
         if len(urls) > spec.max_images:
@@ -243,11 +286,13 @@ class Worker:
                 param="image_urls",
             )
 
+        stop = _StopCheck(self, task.id)
+
         def fetch(index: int) -> Image.Image:
             param = f"image_urls[{index}]"
             data = self.uploads.resolve(urls[index], param) if self.uploads else None
             if data is None:
-                data = self.fetcher.fetch(urls[index], param)
+                data = self.fetcher.fetch(urls[index], param, should_stop=stop)
             return decode_image(data, param)
 
         with STAGE_SECONDS.labels("fetch").time(), ThreadPoolExecutor(len(urls)) as pool:
@@ -342,8 +387,10 @@ class _TaskRun:
             TASKS_FINISHED.labels("failed").inc()
 
     def should_stop(self) -> bool:
-        if self.worker.stopping.is_set():
-            return True
+        return self.worker.stopping.is_set() or self._cancelled_or_lost()
+
+    def _cancelled_or_lost(self) -> bool:
+        """The task was cancelled or its lease lost (with the database away: no)."""
         try:
             stop = self.store.should_stop(self.task.id, self.worker.worker_id)
         except Exception as exc:
@@ -388,14 +435,13 @@ class _TaskRun:
         worker = self.worker
         keys: list[str] = []
         try:
-            with STAGE_SECONDS.labels("upload").time():
-                for index, image in enumerate(outputs):
-                    data = encode_png(image)
-                    keys.append(worker.storage.put(self.task.id, index, data, self.run))
+            self._store_results(outputs, keys)
+        except Interrupted:
+            self._drop(keys)
+            raise
         except Exception as exc:
             log.exception("task %s: storing the results failed", self.task.id)
-            with contextlib.suppress(Exception):
-                worker.storage.delete(keys)
+            self._drop(keys)
             self._fail(storage_error(exc))
             return
         expires = worker.clock.now() + timedelta(seconds=worker.config.result_ttl_seconds)
@@ -408,10 +454,7 @@ class _TaskRun:
             lambda task: task.status is TaskStatus.COMPLETED and task.result_keys == keys,
         )
         if not completed:
-            # The lease was lost (we were presumed dead): the task is someone else's
-            # now. Our results are ours alone (tagged with our run), so drop them.
-            worker.storage.delete(keys)
-            log.warning("task %s: lease lost before completion; results dropped", self.task.id)
+            self._not_completed(keys)
             return
         TASKS_FINISHED.labels("completed").inc()
         log.info("task %s: completed with %d result(s)", self.task.id, len(keys))
@@ -421,19 +464,39 @@ class _TaskRun:
         except Exception:
             log.warning("task %s: sweeping earlier attempts failed", self.task.id, exc_info=True)
 
+    def _store_results(self, outputs: list[Image.Image], keys: list[str]) -> None:
+        """Encode and store the results, adding each key to `keys`; `Interrupted` once
+        the task is cancelled (or its lease lost) before all are stored. A worker
+        told to stop still stores and completes an edit it has finished."""
+        with STAGE_SECONDS.labels("upload").time():
+            for index, image in enumerate(outputs):
+                if self._cancelled_or_lost():
+                    raise Interrupted
+                data = encode_png(image)
+                keys.append(self.worker.storage.put(self.task.id, index, data, self.run))
+
+    def _not_completed(self, keys: list[str]) -> None:
+        """Completing did not take: a cancel came in as the results were stored, or
+        the lease was lost (we were presumed dead). Either way our results (tagged
+        with our run, ours alone) are dropped and nothing is charged."""
+        self._drop(keys)
+        if self.store.cancel_was_requested(self.task.id):
+            self.worker.cancel(self.task.id)
+        else:
+            log.warning("task %s: lease lost before completion; results dropped", self.task.id)
+
+    def _drop(self, keys: list[str]) -> None:
+        """Delete results of this attempt that will not be kept; what cannot be
+        deleted now the janitor sweeps once the task has ended."""
+        try:
+            self.worker.storage.delete(keys)
+        except Exception:
+            log.warning("task %s: deleting dropped results failed", self.task.id, exc_info=True)
+
     def _interrupted(self) -> None:
         worker_id = self.worker.worker_id
         if self.store.cancel_was_requested(self.task.id):
-            cancelled = finalize(
-                self.worker,
-                self.task.id,
-                "cancelling",
-                lambda: self.store.cancel_running(self.task.id, worker_id),
-                lambda task: task.status is TaskStatus.CANCELLED,
-            )
-            if cancelled:
-                TASKS_FINISHED.labels("cancelled").inc()
-            log.info("task %s: cancelled", self.task.id)
+            self.worker.cancel(self.task.id)
         elif self.worker.stopping.is_set():
             self.store.release(self.task.id, worker_id)
             log.info("task %s: handed back to the queue at shutdown", self.task.id)
@@ -469,6 +532,36 @@ def storage_error(exc: BaseException) -> TaskError:
         type="internal_server_error",
         message=f"storing the result images failed: {type(exc).__name__}: {first_line(exc)}",
     )
+
+
+class _StopCheck:
+    """Whether a task's fetches should stop: its worker is stopping (asked at once),
+    or it was cancelled or its lease lost (the store is asked at most once every
+    `interval` seconds; fetchers ask ten times a second). Thread-safe."""
+
+    def __init__(self, worker: Worker, task_id: str, interval: float = 1.0) -> None:
+        self._worker = worker
+        self._task_id = task_id
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._asked = -interval
+        self._stop = False
+
+    def __call__(self) -> bool:
+        if self._worker.stopping.is_set():
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if now - self._asked >= self._interval:
+                self._asked = now
+                self._stop = self._ask_store()
+            return self._stop
+
+    def _ask_store(self) -> bool:
+        try:
+            return self._worker.store.should_stop(self._task_id, self._worker.worker_id)
+        except Exception:
+            return False  # the database is away: the fetch goes on, the deadline holds
 
 
 class _LeaseKeeper:

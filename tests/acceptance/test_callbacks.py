@@ -42,14 +42,17 @@ def test_a_finished_task_calls_back_signed(tmp_path: Path) -> None:
             "image_urls": [images.add("/a.png", png_bytes())],
             "callback_url": receiver.url,
         }
-        task = httpx.post(f"{server.url}/v1/images/generations", json=body, headers=headers).json()
+        # Created through another name for the server than the one it listens on: with
+        # no --public-url, the callback's links use the address the client used.
+        url = server.url.replace("127.0.0.1", "localhost")
+        task = httpx.post(f"{url}/v1/images/generations", json=body, headers=headers).json()
         wait_for(lambda: receiver.received, timeout=30, what="the callback")
         payload = Webhook(secret[0]).verify(receiver.received[0].body, receiver.received[0].headers)
         assert payload["id"] == task["id"] and payload["status"] == "completed"
-        assert payload["results"][0].startswith(server.url)
+        assert payload["results"][0].startswith(f"{url}/v1/files/")
         detail = wait_for(
             lambda: (
-                (d := httpx.get(f"{server.url}/v1/tasks/{task['id']}", headers=headers).json())[
+                (d := httpx.get(f"{url}/v1/tasks/{task['id']}", headers=headers).json())[
                     "callback"
                 ]["status"]
                 == "delivered"
@@ -58,6 +61,8 @@ def test_a_finished_task_calls_back_signed(tmp_path: Path) -> None:
             timeout=10,
         )
         assert detail["callback"] == {"status": "delivered", "attempts": 1, "last_status_code": 200}
+        assert payload["results"] == detail["results"], "the callback's links are the poll's"
+        assert httpx.get(payload["results"][0]).status_code == 200
     finally:
         server.stop()
         receiver.close()

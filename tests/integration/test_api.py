@@ -21,7 +21,7 @@ from retouch.storage import LocalResultStorage
 from retouch.store import Store
 from retouch.tasks import TaskStatus
 from tests.integration.conftest import MAX_REQUEST_BYTES, SPEC, Api
-from tests.support import ImageHost, png_bytes, wait_for
+from tests.support import MALFORMED_LINK_QUERIES, ImageHost, png_bytes, wait_for
 
 GENERATIONS = "/v1/images/generations"
 
@@ -270,6 +270,15 @@ def test_tampered_links_are_refused(api: Api, image_host: ImageHost) -> None:
         assert_error(httpx.get(bad), 403, "permission_error", "signature")
 
 
+@pytest.mark.parametrize(
+    ("query", "param"),
+    MALFORMED_LINK_QUERIES,
+)
+def test_malformed_result_links_are_403_like_forged_ones(api: Api, query: str, param: str) -> None:
+    link = f"{api.url}/v1/files/task-unified-1767225600-abcd1234/0-0123abcd.png?{query}"
+    assert_error(httpx.get(link), 403, "permission_error", param)
+
+
 # -- errors at the door ---------------------------------------------------
 
 
@@ -299,8 +308,19 @@ def test_revoked_key_is_401_at_once(api: Api) -> None:
 
 
 def test_authentication_is_checked_before_the_body(api: Api) -> None:
-    with api.client("") as client:
-        assert_error(client.post(GENERATIONS, content=b"not json"), 401, "authentication_error")
+    def oversized() -> Any:  # chunked: only reading it finds it too large (413)
+        for _ in range(MAX_REQUEST_BYTES // 1024 + 2):
+            yield b" " * 1024
+
+    for secret in ["", "rt_not-a-real-key"]:
+        with api.client(secret) as client:
+            for response in [
+                client.post(GENERATIONS, content=b"not json"),
+                client.post(GENERATIONS, content=oversized()),
+                client.post(GENERATIONS, content=b"{}", headers={"Idempotency-Key": "k" * 256}),
+            ]:
+                assert_error(response, 401, "authentication_error")
+                assert response.headers["www-authenticate"] == "Bearer"
 
 
 def test_another_keys_task_is_404_exactly_like_a_missing_one(api: Api) -> None:
@@ -336,6 +356,8 @@ def test_unknown_model_is_404_with_a_suggestion(api: Api) -> None:
         (b"", None, "empty"),
         (b"{not json", None, "not valid JSON"),
         (b"[1, 2]", None, "JSON object"),
+        (b"[" * 50_000, None, "nested too deeply"),  # json.loads raises RecursionError
+        (b'{"prompt": ' + b"[" * 50_000, None, "nested too deeply"),
         (b'{"model": "qwen-image-edit", "prompt": "x"}', "image_urls", "required"),
         (b'{"model": 5, "prompt": "x", "image_urls": ["http://a.b/c"]}', "model", "string"),
         (b'{"model": "qwen-image-edit", "prompt": "x", "image_urls": []}', "image_urls", "1-3"),

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -48,6 +49,44 @@ def test_gpu_random_weights_runs_with_a_tiny_config(tmp_path: Path) -> None:
     assert by_variant["refs3"]["tokens"] == 4 * 64 + 220
     assert by_variant["eager"]["s_per_forward"] > 0 and by_variant["vae"]["vae_decode_s"] > 0
     assert by_variant["eager"]["config"] == "tiny" and by_variant["eager"]["device"] == "cpu"
+    # -2511 (the default served model) has zero_cond_t on; the warm-up call is timed apart.
+    assert by_variant["eager"]["zero_cond_t"] is True
+    eager = by_variant["eager"]
+    assert eager["build_and_warmup_s"] == pytest.approx(
+        eager["build_s"] + eager["warmup_s"], abs=0.11
+    )
+
+
+def test_gpu_random_weights_can_turn_zero_cond_t_off(tmp_path: Path) -> None:
+    out = tmp_path / "figures.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_random_weights.py"), "--tiny",
+         "--device", "cpu", "--size", "64", "--iterations", "1", "--variants", "eager",
+         "--no-zero-cond-t", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    eager = json.loads(out.read_text().splitlines()[0])
+    assert eager["variant"] == "eager" and eager["zero_cond_t"] is False
+    assert eager["s_per_forward"] > 0
+
+
+def test_bench_measures_the_engines_own_gpu() -> None:
+    """torch.cuda's synchronize and memory statistics act on cuda:0 unless given a
+    device: bench passes the engine's."""
+    import torch
+
+    from retouch import bench
+
+    assert bench._cuda_device(SimpleNamespace(device="cuda:1")) == torch.device("cuda:1")  # type: ignore[arg-type]
+    assert bench._cuda_device(SimpleNamespace(device="cpu")) is None  # type: ignore[arg-type]
+    times = bench.StageTimes(peak_memory_gib=1.0)
+    assert "peak_reserved_gib" not in times.row()  # only a GPU reserves memory
+    times.peak_reserved_gib = 2.0
+    assert times.row()["peak_reserved_gib"] == 2.0
 
 
 def test_retouch_bench_times_every_stage(tmp_path: Path) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from retouch.store import Store
 from retouch.store.schema import callback_deliveries
 from retouch.tasks import EditParams, Task, TaskError, TaskStatus
 from tests.integration.conftest import SPEC
-from tests.support import pending_task
+from tests.support import pending_task, wait_for
 
 SIGNING_KEY = b"server-signing-key"
 
@@ -40,6 +41,31 @@ class Answer:
     status: int = 200
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
+    # Writes the whole answer itself, in place of the above.
+    respond: Callable[[BaseHTTPRequestHandler], None] | None = None
+
+
+@dataclass
+class Drip:
+    """An answer that writes `head` and then one byte every `every` seconds, without
+    end, until the caller hangs up (or a minute has passed)."""
+
+    head: bytes
+    every: float = 0.05
+    sent: int = 0
+    hung_up: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, handler: BaseHTTPRequestHandler) -> None:
+        handler.close_connection = True
+        give_up = time.monotonic() + 60
+        try:
+            handler.wfile.write(self.head)
+            while time.monotonic() < give_up:
+                time.sleep(self.every)
+                handler.wfile.write(b"a")
+                self.sent += 1
+        except OSError:
+            self.hung_up.set()
 
 
 @dataclass
@@ -61,6 +87,9 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 receiver.received.append(Received(dict(self.headers.items()), body))
                 answer = receiver.script.pop(0) if receiver.script else Answer()
+                if answer.respond is not None:
+                    answer.respond(self)
+                    return
                 time.sleep(answer.delay)
                 self.send_response(answer.status)
                 for name, value in answer.headers.items():
@@ -91,11 +120,17 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
-    ca = trustme.CA()
+def ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> trustme.CA:
+    """The receivers' CA, trusted by the dispatcher through SSL_CERT_FILE."""
+    authority = trustme.CA()
     ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    authority.cert_pem.write_to_path(str(ca_file))
     monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    return authority
+
+
+@pytest.fixture
+def receiver(ca: trustme.CA) -> Iterator[Receiver]:
     endpoint = Receiver(ca)
     yield endpoint
     endpoint.close()
@@ -113,7 +148,12 @@ def service(store: Store, clock: FakeClock, tmp_path: Path) -> TaskService:
 
 
 def dispatcher(
-    store: Store, service: TaskService, clock: FakeClock, **policy: Any
+    store: Store,
+    service: TaskService,
+    clock: FakeClock,
+    *,
+    poll_seconds: float = 0.2,
+    **policy: Any,
 ) -> CallbackDispatcher:
     return CallbackDispatcher(
         store,
@@ -122,6 +162,7 @@ def dispatcher(
         clock,
         CallbackPolicy(**{"allowed_ports": None, **policy}),
         guard=AddressGuard(allow_private_networks=True),
+        poll_seconds=poll_seconds,
     )
 
 
@@ -153,7 +194,7 @@ def verified(key: ApiKey, received: Received) -> dict[str, Any]:
 
 def deliveries(store: Store) -> int:
     with store.engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(callback_deliveries)).scalar())
+        return conn.execute(select(func.count()).select_from(callback_deliveries)).scalar_one()
 
 
 @pytest.mark.parametrize("outcome", ["completed", "failed", "cancelled"])
@@ -233,6 +274,111 @@ def test_a_receiver_slower_than_the_timeout_is_a_failure(
     delivery = store.latest_delivery(task.id)
     assert delivery is not None and delivery.status == "pending" and delivery.attempts == 1
     assert delivery.last_error is not None and "Timeout" in delivery.last_error
+
+
+def test_a_receiver_that_drips_its_headers_is_cut_off_at_the_deadline(
+    store: Store, service: TaskService, clock: FakeClock, key: ApiKey, receiver: Receiver
+) -> None:
+    """Each byte comes well within the read timeout: only a deadline on the whole
+    delivery ends it."""
+    drip = Drip(b"HTTP/1.1 200 OK\r\nx-drip: ")
+    receiver.script = [Answer(respond=drip)]
+    task = finished_task(store, key, receiver.url)
+    started = time.monotonic()
+    assert dispatcher(store, service, clock, timeout_seconds=0.5).run_once() == 1
+    assert time.monotonic() - started < 1.5
+    assert drip.hung_up.wait(2)
+    delivery = store.latest_delivery(task.id)
+    assert delivery is not None and delivery.status == "pending" and delivery.attempts == 1
+    assert (
+        delivery.last_status_code is None
+        and delivery.next_attempt_at == clock.now() + timedelta(seconds=1)
+    )
+    assert "CallbackTimeout: the receiver did not answer within 0.5 s" in (
+        delivery.last_error or ""
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "state"), [(200, "delivered"), (503, "pending")], ids=["2xx", "error"]
+)
+def test_a_receivers_endless_body_is_never_read(
+    store: Store,
+    service: TaskService,
+    clock: FakeClock,
+    key: ApiKey,
+    receiver: Receiver,
+    status: int,
+    state: str,
+) -> None:
+    """The status line is the answer: the delivery ends as soon as it has come (long
+    before the deadline), and the connection is dropped rather than the body read."""
+    drip = Drip(f"HTTP/1.1 {status} Whatever\r\ncontent-type: text/plain\r\n\r\n".encode())
+    receiver.script = [Answer(respond=drip)]
+    task = finished_task(store, key, receiver.url)
+    started = time.monotonic()
+    dispatcher(store, service, clock, timeout_seconds=10).run_once()
+    assert time.monotonic() - started < 2
+    assert drip.hung_up.wait(2) and drip.sent < 40  # the receiver could send no more
+    state_now = service.callback_state(store.get_task(task.id))  # type: ignore[arg-type]
+    assert state_now == {"status": state, "attempts": 1, "last_status_code": status}
+
+
+def test_a_receiver_that_hangs_holds_up_no_other_delivery(
+    store: Store,
+    service: TaskService,
+    clock: FakeClock,
+    key: ApiKey,
+    ca: trustme.CA,
+    receiver: Receiver,
+) -> None:
+    receiver.script = [Answer(200, delay=5)]
+    hanging = finished_task(store, key, receiver.url)
+    other = Receiver(ca)
+    sender = dispatcher(store, service, clock, timeout_seconds=1.5, poll_seconds=0.02)
+    sender.start()
+    try:
+        wait_for(lambda: receiver.received, timeout=5, what="the hanging delivery to start")
+        prompt = finished_task(store, key, other.url)
+        started = time.monotonic()
+        wait_for(lambda: other.received, timeout=5, what="the other delivery")
+        assert time.monotonic() - started < 0.75
+        delivery = store.latest_delivery(hanging.id)
+        assert delivery is not None and delivery.attempts == 0  # still under way
+    finally:
+        sender.stop()  # waits for the hanging one: it ends at its deadline
+        other.close()
+    assert service.callback_state(store.get_task(prompt.id))["status"] == "delivered"  # type: ignore[arg-type]
+    delivery = store.latest_delivery(hanging.id)
+    assert delivery is not None and delivery.status == "pending" and delivery.attempts == 1
+    assert "CallbackTimeout" in (delivery.last_error or "")
+
+
+def test_the_result_of_a_claim_taken_over_meanwhile_is_dropped(
+    store: Store,
+    service: TaskService,
+    clock: FakeClock,
+    key: ApiKey,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A delivery outlives its lock (a stalled process, say) and another dispatcher
+    claims it again: the first one's late answer must not overwrite that claim."""
+    receiver.script = [Answer(200, delay=0.5)]
+    task = finished_task(store, key, receiver.url)
+    sender = dispatcher(store, service, clock, timeout_seconds=5)
+    sending = threading.Thread(target=sender.run_once)
+    caplog.set_level(logging.WARNING, logger="retouch.store.outbox")
+    sending.start()
+    wait_for(lambda: receiver.received, timeout=5, what="the delivery to start")
+    clock.advance(sender.lock_seconds + 1)
+    [again] = store.claim_due_deliveries(1, 60)
+    sending.join(5)
+    assert not sending.is_alive() and "dropped the result" in caplog.text
+    delivery = store.latest_delivery(task.id)
+    assert delivery is not None and (delivery.status, delivery.attempts) == ("pending", 0)
+    assert delivery.locked_until == again.locked_until  # the new claim stands
+    assert store.record_attempt(again, delivered=True, status_code=200, error=None, retry_at=None)
 
 
 def test_redirects_are_failures_and_not_followed(

@@ -7,10 +7,12 @@ proves that the ledger still balances after it.
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -29,6 +31,7 @@ from tests.integration.test_api import (
     task_detail,
     wait_status,
 )
+from tests.integration.test_uploads_and_events import stored_uploads
 from tests.support import ImageHost, png_bytes, wait_for
 
 URL = "https://example.com/a.png"
@@ -253,6 +256,59 @@ def test_cancelling_a_running_task_releases_its_credits(api: Api, image_host: Im
     wait_status(api, task["id"], "cancelled", timeout=5)
     assert credits(api) == {"balance": 100.0, "reserved": 0.0, "available": 100.0}
     assert [e[0] for e in entries(api)] == ["grant", "reserve", "release"]
+
+
+# -- inline images (data: URIs) --------------------------------------------------
+
+
+def inline_image(color: tuple[int, int, int] = (0, 0, 255)) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(color=color)).decode()
+
+
+def test_refused_creates_keep_no_inline_images(api: Api) -> None:
+    """A `data:` image is kept only for a task that is admitted: an account without
+    credits, or past a limit, cannot fill the disk with requests that are refused."""
+    image = inline_image()
+    assert post(api, edit([URL]), idempotency_key="k-1").status_code == 200
+    conflict = post(api, edit([image]), idempotency_key="k-1")
+    assert_error(conflict, 409, "conflict_error", "Idempotency-Key")
+    assert stored_uploads(api) == []
+
+    api.service.limits = Limits(max_queued_tasks=1)
+    assert_error(post(api, edit([image])), 503, "service_unavailable_error")
+    assert stored_uploads(api) == []
+
+    api.service.limits = Limits(
+        default=GroupLimits(requests_per_minute=1_000, max_concurrent_tasks=1)
+    )
+    assert_error(post(api, edit([image])), 429, "rate_limit_error")
+    assert stored_uploads(api) == []
+
+    api.service.limits = ROOMY
+    api.store.grant("alice", -(100 - PRICE))  # nothing left beside the first task's
+    assert_error(post(api, edit([image, image])), 402, "insufficient_quota_error")
+    assert stored_uploads(api) == []
+
+    api.store.grant("alice", PRICE)
+    admitted = post(api, edit([image]))
+    assert admitted.status_code == 200, admitted.text
+    (link,) = stored(api, admitted.json()["id"]).params.image_urls
+    assert stored_uploads(api) == [urlsplit(link).path.rsplit("/", 1)[1]]
+
+
+def test_a_replayed_create_keeps_one_set_of_inline_images(api: Api) -> None:
+    body = edit([inline_image(), URL, inline_image((0, 255, 0))])
+    first = post(api, body, idempotency_key="inline")
+    again = post(api, body, idempotency_key="inline")
+    assert first.status_code == again.status_code == 200, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    links = stored(api, first.json()["id"]).params.image_urls
+    assert links[1] == URL
+    kept = [urlsplit(link).path.rsplit("/", 1)[1] for link in (links[0], links[2])]
+    assert stored_uploads(api) == sorted(kept)
+    for link in (links[0], links[2]):
+        assert httpx.get(link).status_code == 200  # the task's links still open
 
 
 # -- the rate limit ------------------------------------------------------------

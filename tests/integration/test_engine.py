@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
+import threading
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
-from retouch.engine import diffusers_engine
+from retouch.engine import demo
 from retouch.engine.base import EditJob, EngineOptions, Interrupted
-from retouch.engine.diffusers_engine import DiffusersEngine
+from retouch.engine.diffusers_engine import (
+    DiffusersEngine,
+    fit_output_size,
+    output_size,
+    pipeline_default_size,
+)
 from retouch.errors import InvalidInputError, ModelLoadError
 from retouch.images import encode_png
 from retouch.models import LoraSpec, ModelSpec
@@ -36,6 +47,16 @@ def spec(demo_dir: Path, **changes: object) -> ModelSpec:
 @pytest.fixture(scope="module")
 def engine(demo_dir: Path) -> DiffusersEngine:
     return DiffusersEngine(spec(demo_dir))
+
+
+@pytest.fixture(scope="module")
+def direct(demo_dir: Path) -> Any:
+    """diffusers' own pipeline on the demo checkpoint, called without Retouch."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(demo_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def job(seed: int = 3, steps: int = 2) -> EditJob:
@@ -79,18 +100,15 @@ def test_interrupt_stops_at_once_and_leaves_the_pipeline_reusable(
     assert steps == [(1, 5)]
 
 
-def test_output_equals_a_direct_diffusers_call(demo_dir: Path, engine: DiffusersEngine) -> None:
+def test_output_equals_a_direct_diffusers_call(engine: DiffusersEngine, direct: Any) -> None:
     import torch
-    from diffusers import QwenImageEditPlusPipeline
 
     progress: list[tuple[int, int]] = []
     ours = engine.run(job(), lambda done, total: progress.append((done, total)), lambda: False)
     assert progress == [(1, 2), (2, 2)]
     assert len(ours) == 1 and ours[0].size == (512, 512)
 
-    pipe = QwenImageEditPlusPipeline.from_pretrained(demo_dir)
-    pipe.set_progress_bar_config(disable=True)
-    direct = pipe(
+    theirs = direct(
         image=[Image.new("RGB", (400, 480), (30, 120, 200))],
         prompt=PROMPT,
         negative_prompt=" ",
@@ -100,7 +118,92 @@ def test_output_equals_a_direct_diffusers_call(demo_dir: Path, engine: Diffusers
         width=512,
         generator=torch.Generator(device="cpu").manual_seed(3),
     ).images[0]
-    assert encode_png(ours[0]) == encode_png(direct)
+    assert encode_png(ours[0]) == encode_png(theirs)
+
+
+def test_without_a_size_an_ordinary_input_gets_the_pipelines_own_choice(
+    engine: DiffusersEngine, direct: Any
+) -> None:
+    """Edit-Plus sizes the output after the last input (~1 MP at its aspect)."""
+    import torch
+
+    inputs = [Image.new("RGB", (400, 480), (30, 120, 200)), Image.new("RGB", (600, 400), (9, 9, 9))]
+    no_size = EditJob(
+        images=inputs, prompt=PROMPT, seed=5, steps=1, true_cfg_scale=4.0, negative_prompt=" "
+    )
+    ours = engine.run(no_size, lambda *_: None, lambda: False)[0]
+    theirs = direct(
+        image=inputs,
+        prompt=PROMPT,
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        num_inference_steps=1,
+        generator=torch.Generator(device="cpu").manual_seed(5),
+    ).images[0]
+    assert ours.size == theirs.size == (1248, 832)
+    assert encode_png(ours) == encode_png(theirs)
+
+
+@pytest.mark.parametrize(
+    ("input_size", "max_output_side", "expected"),
+    [
+        ((384, 3072), 2048, (512, 2048)),  # the pipeline alone: 352x2912
+        ((1600, 900), 1024, (1024, 576)),  # the pipeline alone: 1376x768
+    ],
+)
+def test_without_a_size_an_extreme_input_stays_within_the_bounds(
+    demo_dir: Path,
+    engine: DiffusersEngine,
+    input_size: tuple[int, int],
+    max_output_side: int,
+    expected: tuple[int, int],
+) -> None:
+    model = (
+        engine
+        if max_output_side == engine.spec.max_output_side
+        else DiffusersEngine(spec(demo_dir, max_output_side=max_output_side))
+    )
+    extreme = EditJob(
+        images=[Image.new("RGB", input_size, (30, 120, 200))],
+        prompt=PROMPT,
+        seed=1,
+        steps=1,
+        true_cfg_scale=1.0,
+    )
+    [result] = model.run(extreme, lambda *_: None, lambda: False)
+    assert result.size == expected
+    assert all(512 <= side <= max_output_side and side % 16 == 0 for side in result.size)
+
+
+def test_default_sizes_fit_the_bounds_and_are_otherwise_the_pipelines() -> None:
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    for max_side in [512, 1000, 1024, 1536, 2048]:
+        high = max_side // 16 * 16
+        for step in range(-300, 301):
+            aspect = 2 ** (step / 50)  # 1:64 to 64:1
+            pipeline_choice = calculate_dimensions(1024 * 1024, aspect)[:2]
+            assert pipeline_default_size(aspect) == pipeline_choice
+            width, height = fit_output_size(pipeline_choice, aspect, max_side)
+            assert 512 <= width <= high and 512 <= height <= high, (aspect, max_side)
+            assert width % 16 == 0 and height % 16 == 0
+            if all(512 <= side <= high for side in pipeline_choice):
+                assert (width, height) == pipeline_choice
+            elif 512 / high <= aspect <= high / 512:
+                # Scaled into the bounds: the aspect is kept to within a 16-pixel step.
+                assert abs(math.log(width / height / aspect)) < math.log(1 + 16 / 512)
+                assert high - max(width, height) <= 16 or min(width, height) - 512 <= 16
+            else:  # beyond what the bounds allow: one side at each bound
+                assert {width, height} == {512, high}
+    # Edit sizes the output after the first input, Edit-Plus after the last.
+    images = [Image.new("RGB", (600, 400)), Image.new("RGB", (400, 600))]
+    plain = EditJob(images=images, prompt="p", seed=0, steps=1, true_cfg_scale=1.0)
+    assert output_size(plain, "edit", 2048) == (1248, 832)
+    assert output_size(plain, "edit-plus", 2048) == (832, 1248)
+    sized = EditJob(
+        images=images, prompt="p", seed=0, steps=1, true_cfg_scale=1.0, width=640, height=512
+    )
+    assert output_size(sized, "edit-plus", 2048) == (640, 512)
 
 
 def test_same_seed_same_image(engine: DiffusersEngine) -> None:
@@ -152,6 +255,51 @@ def test_gpu_only_options_explain_themselves_on_the_cpu(
         DiffusersEngine(spec(demo_dir), options)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (EngineOptions(device="gpu"), "--device 'gpu' is not a device torch knows"),
+        (EngineOptions(device="cuda:99"), "--device cuda:99"),
+        (EngineOptions(device="cpu", dtype="float32", quantize="fp8"), "not --dtype float32"),
+        (EngineOptions(dtype="float16", quantize="fp8"), "not --dtype float16"),
+        (
+            EngineOptions(device="cpu", compile=True, offload="sequential"),
+            "--compile cannot be combined with --offload sequential",
+        ),
+    ],
+)
+def test_options_that_cannot_work_stop_start_up_with_one_sentence(
+    demo_dir: Path, options: EngineOptions, message: str
+) -> None:
+    with pytest.raises(ModelLoadError, match=message) as info:
+        DiffusersEngine(spec(demo_dir), options)
+    assert "\n" not in str(info.value) and str(info.value).endswith(".")
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+def test_a_run_that_does_not_return_puts_model_offload_back_in_place(
+    demo_dir: Path, ending: str
+) -> None:
+    """diffusers re-installs the offload hooks (moving every model back to the CPU)
+    only when __call__ returns; after a cancel or an error the engine does it. On
+    the CPU the hooks are installed by hand: the engine refuses --offload there."""
+    offloaded = DiffusersEngine(spec(demo_dir))
+    offloaded.pipe.enable_model_cpu_offload(device="cpu")
+    hooks = list(offloaded.pipe._all_hooks)
+
+    def on_step(_done: int, _total: int) -> None:
+        if ending == "failed":
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    with pytest.raises(Interrupted if ending == "cancelled" else RuntimeError):
+        offloaded.run(job(steps=3), on_step, lambda: True)
+    fresh = offloaded.pipe._all_hooks
+    assert len(fresh) == len(hooks) and not any(new is old for new in fresh for old in hooks)
+    # ... and the pipeline still works with them.
+    [result] = offloaded.run(job(steps=1), lambda *_: None, lambda: False)
+    assert result.size == (512, 512)
+
+
 def test_a_lora_is_fused_and_brings_its_own_preset(
     demo_dir: Path, engine: DiffusersEngine, tmp_path: Path
 ) -> None:
@@ -164,6 +312,31 @@ def test_a_lora_is_fused_and_brings_its_own_preset(
     assert encode_png(base) != encode_png(edited)
 
 
+def test_a_lora_weight_name_picks_one_file_of_several(demo_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    folder = write_tiny_lora(demo_dir, tmp_path / "loras")  # pytorch_lora_weights.safetensors
+    other = write_tiny_lora(demo_dir, tmp_path / "other", seed=7)
+    (other / "pytorch_lora_weights.safetensors").rename(folder / "lightning-4step.safetensors")
+    by_default = DiffusersEngine(spec(demo_dir, lora=LoraSpec(source=str(folder))))
+    named = DiffusersEngine(
+        spec(demo_dir, lora=LoraSpec(source=str(folder), weight_name="lightning-4step.safetensors"))
+    )
+    by_file = DiffusersEngine(
+        spec(demo_dir, lora=LoraSpec(source=str(folder / "lightning-4step.safetensors")))
+    )
+
+    def weight(engine: DiffusersEngine) -> torch.Tensor:
+        return engine.pipe.transformer.transformer_blocks[0].attn.to_q.weight.detach()
+
+    assert torch.equal(weight(named), weight(by_file))
+    assert not torch.equal(weight(named), weight(by_default))
+    with pytest.raises(ModelLoadError, match=r"\(missing.safetensors\)"):
+        DiffusersEngine(
+            spec(demo_dir, lora=LoraSpec(source=str(folder), weight_name="missing.safetensors"))
+        )
+
+
 def test_a_broken_lora_stops_loading_with_one_sentence(demo_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ModelLoadError, match="Could not apply the LoRA"):
@@ -174,18 +347,36 @@ def test_a_broken_lora_stops_loading_with_one_sentence(demo_dir: Path, tmp_path:
 def test_compile_warms_up_at_start_and_matches_eager(
     demo_dir: Path, engine: DiffusersEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(diffusers_engine, "WARMUP_SIZE", (512, 512))
+    import numpy as np
+    from diffusers import QwenImageTransformer2DModel
+    from torch._dynamo.utils import counters
+
+    seen: list[tuple[int, ...]] = []
+    forward = QwenImageTransformer2DModel.forward
+
+    def recording(self: Any, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(tuple(hidden_states.shape))
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImageTransformer2DModel, "forward", recording)
     compiled = DiffusersEngine(spec(demo_dir), EngineOptions(compile=True))
     block = compiled.pipe.transformer.transformer_blocks[0]
     assert getattr(block, "_compiled_call_impl", None) is not None
-    import numpy as np
+    # Warm-up covered several shapes: batch 1 at two token counts, and batch 2.
+    warmed_up = set(seen)
+    assert {shape[0] for shape in warmed_up} == {1, 2}
+    assert len({shape[1] for shape in warmed_up if shape[0] == 1}) >= 2
 
+    graphs = counters["stats"]["unique_graphs"]
     eager = np.asarray(engine.run(job(), lambda *_: None, lambda: False)[0], dtype=np.int16)
     fast = np.asarray(compiled.run(job(), lambda *_: None, lambda: False)[0], dtype=np.int16)
     assert np.abs(eager - fast).max() <= 2
+    # A shape the warm-up did not run compiled nothing on the request.
+    assert seen[-1] not in warmed_up
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
-def write_tiny_lora(demo_dir: Path, target: Path) -> Path:
+def write_tiny_lora(demo_dir: Path, target: Path, seed: int = 0) -> Path:
     """A rank-4 LoRA on the demo transformer's attention, saved the diffusers way."""
     import torch
     from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
@@ -198,11 +389,96 @@ def write_tiny_lora(demo_dir: Path, target: Path) -> Path:
             r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False
         )
     )
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+                parameter.normal_(0, 0.5, generator=generator)
     QwenImageEditPlusPipeline.save_lora_weights(
         target, transformer_lora_layers=get_peft_model_state_dict(transformer)
     )
     return target
+
+
+def test_two_processes_building_the_demo_checkpoint_at_once_both_succeed(
+    tmp_path: Path,
+) -> None:
+    """Two workers sharing a data directory, both finding no demo checkpoint."""
+    target = tmp_path / "models" / "demo"
+    builders = [
+        subprocess.Popen(
+            [sys.executable, "-m", "retouch", "demo-model", str(target)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for builder in builders:
+        _, stderr = builder.communicate(timeout=240)
+        assert builder.returncode == 0, stderr
+    assert demo.is_complete(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == [".demo.lock", "demo"]
+    DiffusersEngine(spec(target))
+
+
+def test_a_builder_that_loses_the_race_keeps_the_winners_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the lock (builders on two hosts of a shared file system) both build,
+    and the rename of the second fails onto the first's complete checkpoint."""
+    target = tmp_path / "demo"
+    demo.build_demo_pipeline()  # imports done here: first imports in two threads can deadlock
+    both_built = threading.Barrier(2, timeout=120)
+    install = demo._install
+
+    def install_together(staging: Path, directory: Path) -> None:
+        both_built.wait()  # both have a finished copy before either renames
+        install(staging, directory)
+
+    monkeypatch.setattr(demo, "_build_lock", lambda _directory: nullcontext())
+    monkeypatch.setattr(demo, "_install", install_together)
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            demo.ensure_demo_checkpoint(target)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert errors == []
+    assert demo.is_complete(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_a_stale_demo_checkpoint_is_replaced_and_a_foreign_directory_refused(
+    tmp_path: Path,
+) -> None:
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / demo.COMPLETE_MARKER).write_text(json.dumps({"format": demo.DEMO_FORMAT - 1}))
+    demo.ensure_demo_checkpoint(stale)
+    assert demo.is_complete(stale) and (stale / "model_index.json").is_file()
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ModelLoadError, match="is not a Retouch demo checkpoint"):
+        demo.ensure_demo_checkpoint(foreign)
+    assert (foreign / "holiday.jpg").read_bytes() == b"precious"
+    refused = retouch_cli("demo-model", str(foreign), check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "is not a Retouch demo checkpoint" in refused.stderr
+    assert (foreign / "holiday.jpg").read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".photos.lock",
+        ".stale.lock",
+        "photos",
+        "stale",
+    ]

@@ -1,5 +1,6 @@
 """A corpus of hostile image URLs: each is refused with a reason naming the
-parameter, and no connection reaches a forbidden address.
+parameter, and no connection reaches a forbidden address. Slow ones (dripped
+headers, slow redirect chains, slow lookups) are cut off at one deadline.
 
 Every socket the fetcher opens is recorded; only loopback test hosts are really
 connected to (nothing leaves this machine), and a trap listener on loopback
@@ -10,17 +11,22 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import socketserver
+import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpcore
 import pytest
+import trustme
 
 from retouch.errors import InvalidInputError
-from retouch.fetch import ImageFetcher
-from retouch.netguard import AddressGuard, IPAddress, forbidden_reason
-from tests.support import ImageHost, png_bytes
+from retouch.fetch import FetchStopped, ImageFetcher
+from retouch.netguard import AddressGuard, IPAddress, Resolver, forbidden_reason
+from tests.support import ImageHost, png_bytes, wait_for
 
 PARAM = "image_urls[0]"
 # 127.0.0.2 stands in for "the internet" in these tests: the one loopback
@@ -44,6 +50,8 @@ NAMES = {
     "teredo.test": ["2001:0:4136:e378:8000:63bf:80ff:fffe"],  # client 127.0.0.1
     "zero.test": ["0.0.0.0"],
     "multicast.test": ["239.1.1.1"],
+    "site-local.test": ["fec0::1"],
+    "pcp-anycast.test": ["192.0.0.9"],
 }
 
 
@@ -117,12 +125,15 @@ def outside() -> Iterator[ImageHost]:
     host.close()
 
 
+def fetcher_with(timeout_seconds: float, resolver: Resolver = fake_resolver) -> ImageFetcher:
+    guard = AddressGuard(resolver=resolver, reason_for=reason_treating_outside_as_public)
+    return ImageFetcher(guard=guard, allowed_ports=None, timeout_seconds=timeout_seconds)
+
+
 @pytest.fixture
 def fetcher() -> Iterator[ImageFetcher]:
-    guard = AddressGuard(resolver=fake_resolver, reason_for=reason_treating_outside_as_public)
-    fetcher = ImageFetcher(guard=guard, allowed_ports=None, timeout_seconds=5)
-    yield fetcher
-    fetcher.close()
+    with fetcher_with(timeout_seconds=5) as fetcher:
+        yield fetcher
 
 
 def refused(fetcher: ImageFetcher, url: str) -> str:
@@ -161,6 +172,8 @@ HOSTILE_LITERALS = [
     ("http://[64:ff9b::7f00:1]:{trap}/a.png", "loopback"),
     ("http://[2002:7f00:1::1]:{trap}/a.png", "loopback"),
     ("http://[::]:{trap}/a.png", "unspecified"),
+    ("http://[fec0::1]/a.png", "site-local"),
+    ("http://192.0.0.10/a.png", "IETF protocol"),
 ]
 
 HOSTILE_NAMES = [
@@ -178,6 +191,8 @@ HOSTILE_NAMES = [
     ("http://teredo.test:{trap}/a.png", "loopback"),
     ("http://zero.test:{trap}/a.png", "this network"),
     ("http://multicast.test/a.png", "multicast"),
+    ("http://site-local.test/a.png", "site-local"),
+    ("http://pcp-anycast.test/a.png", "IETF protocol"),
     ("http://nowhere.test/a.png", "could not be resolved"),
 ]
 
@@ -273,3 +288,174 @@ def test_private_networks_are_reachable_only_when_allowed(image_host: ImageHost)
     with ImageFetcher(allow_private_networks=True, allowed_ports=None) as intranet:
         assert intranet.fetch(url, PARAM) == png_bytes()
     assert image_host.requests == ["/a.png"]
+
+
+Writer = Callable[[bytes], Any]
+
+
+Answer = Callable[[Writer, str], None]
+
+
+class SlowHost(socketserver.ThreadingTCPServer):
+    """A raw HTTP server at OUTSIDE (over TLS when given `tls`) for answers too slow
+    for `ImageHost`: each request is answered by `answer(write, path)`. `hung_up` is
+    set once a client closed a connection the server was still writing to."""
+
+    daemon_threads = True
+
+    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
+        self.answer = answer
+        self.tls = tls
+        self.requests: list[str] = []
+        self.hung_up = threading.Event()
+        super().__init__((OUTSIDE, 0), _SlowHandler)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://{OUTSIDE}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _SlowHandler(socketserver.StreamRequestHandler):
+    server: SlowHost
+
+    def setup(self) -> None:
+        if self.server.tls is not None:
+            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+        super().setup()
+
+    def finish(self) -> None:
+        super().finish()
+        self.request.close()  # the server closes only the socket it accepted
+
+    def handle(self) -> None:
+        path = self.rfile.readline().split()[1].decode()
+        while self.rfile.readline() not in (b"\r\n", b""):
+            pass
+        self.server.requests.append(path)
+        try:
+            self.server.answer(self.wfile.write, path)
+        except OSError:
+            self.server.hung_up.set()
+
+
+StartHost = Callable[..., SlowHost]
+
+
+@pytest.fixture
+def slow_host() -> Iterator[StartHost]:
+    hosts: list[SlowHost] = []
+
+    def start(answer: Answer, tls: ssl.SSLContext | None = None) -> SlowHost:
+        hosts.append(SlowHost(answer, tls))
+        return hosts[-1]
+
+    yield start
+    for host in hosts:
+        host.close()
+
+
+def drip_headers(write: Writer, _path: str) -> None:
+    """A status line, then a header line every 0.1 s: a read never waits long."""
+    write(b"HTTP/1.1 200 OK\r\n")
+    for line in range(100):
+        write(b"X-Drip-%d: slow\r\n" % line)
+        time.sleep(0.1)
+
+
+def timed_refusal(fetcher: ImageFetcher, url: str) -> tuple[str, float]:
+    started = time.monotonic()
+    message = refused(fetcher, url)
+    return message, time.monotonic() - started
+
+
+def test_headers_dripped_slowly_are_cut_off_at_the_deadline(
+    slow_host: StartHost, connections: list[str]
+) -> None:
+    host = slow_host(drip_headers)
+    with fetcher_with(timeout_seconds=1) as fetcher:
+        message, elapsed = timed_refusal(fetcher, host.url("/drip.png"))
+    assert "took longer than 1 s" in message
+    assert elapsed < 1.5
+    assert connections == [OUTSIDE]
+    # The connection was closed, not just left behind.
+    wait_for(host.hung_up.is_set, timeout=2, what="the host to see the connection closed")
+
+
+def test_headers_dripped_over_tls_are_cut_off_at_the_deadline(
+    slow_host: StartHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("outside.test").configure_cert(tls)
+    host = slow_host(drip_headers, tls)
+    with fetcher_with(timeout_seconds=0.5) as fetcher:
+        message, elapsed = timed_refusal(fetcher, f"https://outside.test:{host.port}/drip.png")
+    assert "took longer than 0.5 s" in message
+    assert elapsed < 1
+    wait_for(host.hung_up.is_set, timeout=2, what="the host to see the connection closed")
+
+
+def test_a_slow_redirect_chain_shares_one_deadline(
+    slow_host: StartHost,
+) -> None:
+    image = png_bytes((64, 64))
+
+    def slow_hops(write: Writer, path: str) -> None:
+        time.sleep(0.45)  # well within a hop's own timeout
+        hop = int(path.removeprefix("/hop"))
+        if hop == 3:
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(image)
+            write(head + b"Connection: close\r\n\r\n" + image)
+            return
+        write(b"HTTP/1.1 302 Found\r\nLocation: /hop%d\r\n" % (hop + 1))
+        write(b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+
+    host = slow_host(slow_hops)
+    with fetcher_with(timeout_seconds=1) as fetcher:
+        assert fetcher.fetch(host.url("/hop3"), PARAM) == image  # one slow hop is fine
+        message, elapsed = timed_refusal(fetcher, host.url("/hop0"))  # four are not
+    assert elapsed < 1.5  # each hop got only the time left, not a fresh timeout
+    assert "took longer than 1 s (the limit for one image, redirects included)" in message
+    assert host.requests[:3] == ["/hop3", "/hop0", "/hop1"]
+
+
+def test_a_slow_lookup_is_bounded_by_the_deadline(connections: list[str]) -> None:
+    answer = threading.Event()
+
+    def slow_resolver(host: str, port: int) -> list[str]:
+        answer.wait(10)  # a DNS server that takes its time
+        return fake_resolver("outside.test", port)
+
+    try:
+        with fetcher_with(timeout_seconds=1, resolver=slow_resolver) as fetcher:
+            message, elapsed = timed_refusal(fetcher, "http://slow-dns.test/a.png")
+    finally:
+        answer.set()
+    assert "took longer than 1 s" in message
+    assert elapsed < 1.5
+    assert connections == []
+
+
+def test_should_stop_ends_a_fetch_in_progress(
+    slow_host: StartHost,
+) -> None:
+    host = slow_host(drip_headers)
+    stop = threading.Event()
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    started = time.monotonic()
+    with (
+        fetcher_with(timeout_seconds=5) as fetcher,
+        pytest.raises(FetchStopped, match="was stopped"),
+    ):
+        fetcher.fetch(host.url("/drip.png"), PARAM, should_stop=stop.is_set)
+    timer.join()
+    assert time.monotonic() - started < 1
+    wait_for(host.hung_up.is_set, timeout=2, what="the host to see the connection closed")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,11 +19,12 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from retouch.accounts import Admission
 from retouch.api.app import create_app
 from retouch.api.service import TaskService
 from retouch.clock import FakeClock
 from retouch.errors import NotFoundError
-from retouch.janitor import Janitor
+from retouch.janitor import FAILURES_IN_A_ROW, Janitor
 from retouch.keys import ApiKey
 from retouch.models import ModelSpec
 from retouch.s3storage import MAX_LINK_SECONDS, S3ResultStorage
@@ -54,6 +55,9 @@ class Backend:
     stored: Callable[[], set[str]]
     # Let a link's lifetime pass (the fake clock locally, real time on S3).
     outlive: Callable[[str], None]
+    # Put something there by other means than Retouch's (a key ending in / is a
+    # folder, or an S3 console's folder marker).
+    put_foreign: Callable[[str], None]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -82,6 +86,14 @@ def _local_backend(clock: FakeClock, tmp_path: Path) -> Iterator[Backend]:
         expires = int(parse_qs(urlsplit(link).query)["expires"][0])
         clock.advance(expires - clock.now().timestamp())
 
+    def put_foreign(key: str) -> None:
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if key.endswith("/"):
+            path.mkdir(exist_ok=True)
+        else:
+            path.write_bytes(b"not Retouch's")
+
     # The real API serves the links (`GET /v1/files/...`); its database stays empty.
     engine = create_db_engine(f"sqlite:///{tmp_path / 'api.db'}")
     migrate(engine)
@@ -89,7 +101,7 @@ def _local_backend(clock: FakeClock, tmp_path: Path) -> Iterator[Backend]:
     try:
         server = LiveServer(create_app(TaskService(store, storage, clock, [SPEC])))
         try:
-            yield Backend("local", storage, clock, server.url, stored, outlive)
+            yield Backend("local", storage, clock, server.url, stored, outlive, put_foreign)
         finally:
             server.close()
     finally:
@@ -113,8 +125,13 @@ def _s3_backend(clock: FakeClock, seaweedfs: SeaweedS3) -> Iterator[Backend]:
         assert wait < 2.5, "only short-lived links can be outlived in a test"
         time.sleep(max(wait, 0))
 
+    def put_foreign(key: str) -> None:
+        client.put_object(
+            Bucket=bucket, Key=f"{PREFIX}/{key}", Body=b"" if key.endswith("/") else b"x"
+        )
+
     try:
-        yield Backend("s3", storage, clock, "http://unused", stored, outlive)
+        yield Backend("s3", storage, clock, "http://unused", stored, outlive, put_foreign)
     finally:
         drop_bucket(client, bucket)
 
@@ -287,6 +304,86 @@ def test_the_janitor_deletes_what_a_killed_attempt_left_of_a_failed_task(
     assert janitor.purge_abandoned_results() == 0
 
 
+def test_objects_that_are_no_uploads_stop_no_purge_of_uploads(backend: Backend) -> None:
+    """Other things under `uploads/` (an S3 console's folder marker, a stray file)
+    are left alone, and the uploads beside them are purged all the same."""
+    upload = "uploads/up_" + "ab" * 12
+    backend.storage.put_object(upload, PNG, "image/png")
+    for foreign in ("uploads/", "uploads/notes.txt"):
+        backend.put_foreign(foreign)
+    strays = backend.stored() - in_store(backend, upload)
+    assert in_store(backend, "uploads/notes.txt") <= strays
+    # Everything there was stored before this cutoff (real time: S3 keeps its own).
+    assert backend.storage.purge_uploads(datetime.now(UTC) + timedelta(hours=1)) == 1
+    assert backend.stored() == strays
+
+
+def expired_tasks(store: Store, storage: ResultStorage, count: int) -> list[str]:
+    """`count` completed tasks whose results have expired, in the order of their ids."""
+    key = store.create_key("alice")[0]
+    clock = store.clock
+    assert isinstance(clock, FakeClock)
+    made = []
+    for _ in range(count):
+        made.append(completed_task(store, key, storage, results=1, ttl_seconds=60).id)
+        clock.advance(1)  # ids carry their creation time: they sort in this order
+    clock.advance(60)
+    assert made == sorted(made)
+    return made
+
+
+def failing_for(
+    monkeypatch: pytest.MonkeyPatch, storage: ResultStorage, task_ids: set[str]
+) -> None:
+    """Deleting the objects of the tasks in `task_ids` fails, every time (a bucket
+    policy that denies it, say); the others' go as usual."""
+    real = storage.delete_task
+
+    def delete_task(task_id: str, keep: Collection[str] = ()) -> int:
+        if task_id in task_ids:
+            raise OSError(f"AccessDenied: deleting the objects of {task_id}")
+        return real(task_id, keep)
+
+    monkeypatch.setattr(storage, "delete_task", delete_task)
+
+
+def test_a_task_whose_objects_cannot_be_deleted_holds_up_no_other(
+    backend: Backend, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep passes over it, batch after batch (one task a batch here, the
+    failing one first), and tries it again at the next sweep."""
+    first = expired_tasks(store, backend.storage, 3)[0]
+    kept = backend.stored()
+    failing = {first}
+    failing_for(monkeypatch, backend.storage, failing)
+    janitor = Janitor(store, backend.storage, max_attempts=2, interval_seconds=60, batch_size=1)
+    assert janitor.purge_expired_results() == 2
+    assert backend.stored() == {key for key in kept if first in key}
+    assert store.expired_results() == [first]
+    assert janitor.purge_expired_results() == 0
+    failing.clear()  # fixed
+    assert janitor.purge_expired_results() == 1
+    assert backend.stored() == set() and store.expired_results() == []
+
+
+def test_a_sweep_stops_when_deletes_keep_failing_and_the_next_goes_on_after_them(
+    backend: Backend, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several tasks in a row failing looks like a result storage that is away: the
+    sweep stops (the lease checks share its thread) and says so; the next one
+    begins after them, so they cannot hold up the tasks behind them for good."""
+    made = expired_tasks(store, backend.storage, 5)
+    failing_for(monkeypatch, backend.storage, set(made[:FAILURES_IN_A_ROW]))
+    janitor = Janitor(store, backend.storage, max_attempts=2, interval_seconds=60, batch_size=2)
+    with pytest.raises(OSError, match="AccessDenied"):
+        janitor.purge_expired_results()
+    assert store.expired_results() == made
+    assert janitor.purge_expired_results() == 2
+    assert store.expired_results() == made[:FAILURES_IN_A_ROW]
+    with pytest.raises(OSError, match="AccessDenied"):
+        janitor.purge_expired_results()
+
+
 def completed_task(
     store: Store, key: ApiKey, storage: ResultStorage, results: int, ttl_seconds: float
 ) -> Task:
@@ -409,9 +506,17 @@ def test_with_the_object_store_unreachable_the_janitor_still_takes_back_leases(
     storage = S3ResultStorage("results", "", clock, client=closed)
     key = store.create_key("alice")[0]
     params = EditParams(prompt="edit", image_urls=["https://example.com/a.png"])
+    # Tasks whose results have expired, one of them created with an Idempotency-Key.
+    once = Admission(100, 100, 100, idempotency_key="order-1", fingerprint="a" * 64)
+    expired = []
+    for admission in (once, None, None):
+        task = store.create_task(pending_task(key, clock.now(), params, credits=1.0), admission)[0]
+        assert store.claim_next("w1", 30.0) is not None
+        store.complete(task.id, "w1", [f"{task.id}/0-{RUN}.png"], clock.now())
+        expired.append(task.id)
     task = store.create_task(pending_task(key, clock.now(), params, credits=1.0))[0]
     assert store.claim_next("gone", 1.0) is not None
-    clock.advance(2)
+    clock.advance(24 * 3600)
     janitor = Janitor(
         store, storage, max_attempts=2, interval_seconds=3600, lease_seconds=0.2,
         upload_ttl_seconds=60,
@@ -426,7 +531,12 @@ def test_with_the_object_store_unreachable_the_janitor_still_takes_back_leases(
     finally:
         janitor.stop()
     messages = [record.getMessage() for record in caplog.records]
-    assert "the janitor's sweep of expired files and keys failed; retrying" in messages
+    # Each sweep apart: those that need the object store fail, the others go on.
+    assert "the janitor's sweep of expired results failed; retrying" in messages
+    assert "the janitor's sweep of expired uploads failed; retrying" in messages
+    assert not any("idempotency keys failed" in message for message in messages), messages
+    assert store.purge_idempotency_keys() == 0, "forgotten by the janitor"
+    assert sorted(store.expired_results()) == sorted(expired), "to be swept once it is back"
     assert not any("works again" in message for message in messages), messages
 
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import inspect, text, update
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, event, inspect, select, text, update
 
+from retouch.accounts import EntryKind
 from retouch.clock import FakeClock
 from retouch.errors import ConflictError, NotFoundError
 from retouch.janitor import Janitor
@@ -16,18 +21,39 @@ from retouch.keys import ApiKey
 from retouch.storage import LocalResultStorage
 from retouch.store import Store, create_db_engine, migrate
 from retouch.store.base import QUERY_THREADS
-from retouch.store.schema import tasks
+from retouch.store.migrate import alembic_config
+from retouch.store.schema import metadata, tasks
 from retouch.tasks import EditParams, Task, TaskError, TaskStatus
 from tests.support import pending_task
 
 LEASE = 30.0
 
 
-def make_task(store: Store, key: ApiKey, offset_seconds: float = 0.0) -> Task:
+def make_task(
+    store: Store, key: ApiKey, offset_seconds: float = 0.0, callback_url: str | None = None
+) -> Task:
     now = store.clock.now() + timedelta(seconds=offset_seconds)
-    params = EditParams(prompt="edit", image_urls=["https://example.com/a.png"], n=2, seed=7)
+    params = EditParams(
+        prompt="edit",
+        image_urls=["https://example.com/a.png"],
+        n=2,
+        seed=7,
+        callback_url=callback_url,
+    )
     task = pending_task(key, now, params, credits=2.0)
     return store.create_task(task)[0]
+
+
+def settlement(store: Store, task: Task) -> list[EntryKind]:
+    """The kinds of the task's ledger entries, oldest first."""
+    entries = reversed(store.ledger(task.account_id))
+    return [entry.kind for entry in entries if entry.task_id == task.id]
+
+
+def results_purged(engine: Any) -> dict[str, bool]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(tasks.c.id, tasks.c.results_purged)).all()
+    return {row.id: bool(row.results_purged) for row in rows}
 
 
 @pytest.fixture
@@ -155,6 +181,56 @@ def test_cancel_running_flags_it_for_the_worker(store: Store, key: ApiKey) -> No
     assert store.get_task(task.id).status is TaskStatus.CANCELLED  # type: ignore[union-attr]
 
 
+def test_a_task_whose_cancel_was_requested_cannot_be_completed(store: Store, key: ApiKey) -> None:
+    """A cancel that comes in while the worker stores its results wins: completing
+    is refused (the worker then cancels it), so nothing is charged."""
+    task = make_task(store, key)
+    store.claim_next("w1", LEASE)
+    assert not store.cancel_running(task.id, "w1"), "no cancel was requested"
+    store.request_cancel(task.id, key.id)
+    expires = store.clock.now() + timedelta(hours=24)
+    assert not store.complete(task.id, "w1", [f"{task.id}/0-0123abcd.png"], expires)
+    flagged = store.get_task(task.id)
+    assert flagged is not None and flagged.status is TaskStatus.PROCESSING
+    assert store.cancel_running(task.id, "w1")
+    cancelled = store.get_task(task.id)
+    assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
+    assert cancelled.result_keys == [] and cancelled.results_expire_at is None
+    assert settlement(store, task) == [EntryKind.RESERVE, EntryKind.RELEASE]
+
+
+def test_handing_back_a_task_whose_cancel_was_requested_cancels_it(
+    store: Store, key: ApiKey
+) -> None:
+    task = make_task(store, key, callback_url="https://example.com/hook")
+    store.claim_next("w1", LEASE)
+    store.request_cancel(task.id, key.id)
+    assert store.release(task.id, "w1")
+    cancelled = store.get_task(task.id)
+    assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
+    assert settlement(store, task) == [EntryKind.RESERVE, EntryKind.RELEASE]
+    assert store.latest_delivery(task.id) is not None
+    assert store.claim_next("w2", LEASE) is None
+    assert not store.release(task.id, "w1")
+
+
+def test_a_task_cancelled_before_it_ran_has_no_results_to_sweep(
+    store: Store, key: ApiKey, clock: FakeClock
+) -> None:
+    """Never run, a cancelled task is marked purged at once: the janitor's scan for
+    abandoned results does not grow with them. One that ran before its worker
+    vanished, then was cancelled while queued again, may have left some."""
+    never_ran = make_task(store, key)
+    store.request_cancel(never_ran.id, key.id)
+    ran = make_task(store, key, offset_seconds=1)
+    store.claim_next("w1", LEASE)
+    clock.advance(LEASE + 1)
+    assert store.reap_expired_leases(max_attempts=3) == 1  # back in the queue
+    store.request_cancel(ran.id, key.id)
+    assert results_purged(store.engine) == {never_ran.id: True, ran.id: False}
+    assert store.abandoned_results() == [ran.id]
+
+
 def test_cancel_finished_task_conflicts(store: Store, key: ApiKey) -> None:
     task = make_task(store, key)
     store.claim_next("w1", LEASE)
@@ -191,6 +267,43 @@ def test_expired_lease_is_requeued_then_failed_after_max_attempts(
     assert failed is not None and failed.status is TaskStatus.FAILED
     assert failed.error is not None and "stopped 2 time(s)" in failed.error.message
     assert failed.progress == 0  # a failed task's progress, as in the seed's callbacks
+
+
+@pytest.mark.parametrize(
+    ("how", "max_attempts"),
+    [("expired", 3), ("expired-last-attempt", 1), ("dead-owner", 3), ("startup", 3)],
+)
+def test_a_reaped_task_whose_cancel_was_requested_ends_cancelled(
+    store: Store, key: ApiKey, clock: FakeClock, how: str, max_attempts: int
+) -> None:
+    """Its worker vanished after the cancel was acknowledged: the task is not queued
+    again (nor failed for its attempts) but cancelled, settled at nothing and
+    called back, as its worker would have done."""
+    task = make_task(store, key, callback_url="https://example.com/hook")
+    store.claim_next("w1", LEASE)
+    store.set_progress(task.id, "w1", 40, LEASE)
+    store.request_cancel(task.id, key.id)
+    clock.advance(LEASE + 1)
+    if how == "dead-owner":
+        assert store.reap_expired_leases(max_attempts, owner="w1") == 1
+    elif how == "startup":
+        assert store.reap_expired_leases(max_attempts, all_leases=True) == 1
+    else:
+        expiry = store.expired_leases()[task.id][0]
+        assert store.reap_expired_leases(max_attempts, only={task.id: expiry}) == 1
+    cancelled = store.get_task(task.id)
+    assert cancelled is not None
+    assert (cancelled.status, cancelled.error) == (TaskStatus.CANCELLED, None)
+    assert (cancelled.lease_owner, cancelled.finished_at) == (None, clock.now())
+    assert settlement(store, task) == [EntryKind.RESERVE, EntryKind.RELEASE]
+    account = store.get_account(key.account_id)
+    assert account.reserved == 0 and account.available == 100.0
+    delivery = store.latest_delivery(task.id)
+    assert delivery is not None and delivery.url == "https://example.com/hook"
+    assert store.claim_next("w2", LEASE) is None
+    assert store.reap_expired_leases(max_attempts, all_leases=True) == 0
+    # Its worker ran it: what that attempt may have stored is swept.
+    assert store.abandoned_results() == [task.id]
 
 
 def test_reaping_named_leases_skips_those_renewed_since(
@@ -309,6 +422,81 @@ def test_queue_position_and_recent_durations(store: Store, key: ApiKey, clock: F
     assert store.recent_task_seconds("qwen-image-edit") == pytest.approx(12)
 
 
+def test_recent_durations_are_read_from_an_index_without_a_sort(
+    store: Store, key: ApiKey, clock: FakeClock
+) -> None:
+    """The wait estimate's query (every few seconds per model) walks the index on
+    (model, status, finished_at) backwards instead of sorting every completed task."""
+    indexes = {
+        index["name"]: index["column_names"] for index in inspect(store.engine).get_indexes("tasks")
+    }
+    assert indexes["ix_tasks_model_finished"] == ["model", "status", "finished_at"]
+    for offset in range(3):
+        task = make_task(store, key, offset_seconds=offset)
+        store.claim_next("w1", LEASE)
+        clock.advance(10)
+        store.complete(task.id, "w1", [], clock.now())
+    seen: list[tuple[str, Any]] = []
+
+    def record(_conn: Connection, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "finished_at DESC" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        assert store.recent_task_seconds("qwen-image-edit") == pytest.approx(10)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+    [(statement, parameters)] = seen
+    with store.engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            explain = "EXPLAIN QUERY PLAN "
+        else:
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # a tiny table
+            explain = "EXPLAIN "
+        plan = " ".join(
+            str(row[-1]) for row in conn.exec_driver_sql(explain + statement, parameters)
+        )
+    assert "ix_tasks_model_finished" in plan, plan
+    assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
+
+
+def test_revision_0005_adds_the_index_and_marks_never_run_cancels_purged(
+    database_url: str, clock: FakeClock
+) -> None:
+    """On a database an older version left (tasks cancelled before they ran never
+    marked purged), 0005 marks them, adds the index, and can be taken back and
+    applied again; the migrated schema is exactly the declared one."""
+    engine = create_db_engine(database_url)
+    store = Store(engine, clock)
+    try:
+        migrate(engine)
+        key = store.create_key("alice")[0]
+        never_ran = make_task(store, key)
+        store.request_cancel(never_ran.id, key.id)
+        ran = make_task(store, key, offset_seconds=1)
+        store.claim_next("w1", LEASE)
+        store.request_cancel(ran.id, key.id)
+        assert store.cancel_running(ran.id, "w1")
+        pending = make_task(store, key, offset_seconds=2)
+        with engine.begin() as conn:  # as an older version left them
+            conn.execute(update(tasks).values(results_purged=False))
+        store.close()
+        config = alembic_config(engine)
+        command.downgrade(config, "0004")
+        with engine.connect() as conn:
+            names = {index["name"] for index in inspect(conn).get_indexes("tasks")}
+        assert "ix_tasks_model_finished" not in names and "ix_tasks_queue" in names
+        command.upgrade(config, "head")
+        assert results_purged(engine) == {never_ran.id: True, ran.id: False, pending.id: False}
+        with engine.connect() as conn:
+            names = {index["name"] for index in inspect(conn).get_indexes("tasks")}
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        assert "ix_tasks_model_finished" in names
+    finally:
+        store.close()
+
+
 def test_expired_results_listed_until_purged(store: Store, key: ApiKey, clock: FakeClock) -> None:
     task = make_task(store, key)
     store.claim_next("w1", LEASE)
@@ -318,6 +506,29 @@ def test_expired_results_listed_until_purged(store: Store, key: ApiKey, clock: F
     assert store.expired_results() == [task.id]
     store.mark_results_purged([task.id])
     assert store.expired_results() == []
+
+
+def test_result_sweeps_list_tasks_in_order_from_a_given_one(
+    store: Store, key: ApiKey, clock: FakeClock
+) -> None:
+    """A sweep goes on past a task it could not purge (still listed) by asking for
+    the tasks after it."""
+    made = []
+    for _ in range(3):
+        made.append(make_task(store, key).id)
+        clock.advance(1)  # ids carry their creation time: they sort in this order
+        assert store.claim_next("w1", LEASE) is not None
+        if len(made) == 2:
+            store.fail(made[-1], "w1", TaskError(500, "internal_server_error", "boom"))
+        else:
+            store.complete(made[-1], "w1", [], clock.now())
+    clock.advance(1)
+    assert made == sorted(made)
+    assert store.expired_results(limit=1) == [made[0]]
+    assert store.expired_results(limit=1, after=made[0]) == [made[2]]
+    assert store.expired_results(after=made[2]) == []
+    assert store.abandoned_results() == [made[1]]
+    assert store.abandoned_results(after=made[1]) == []
 
 
 def test_claim_only_takes_the_workers_models(store: Store, key: ApiKey) -> None:

@@ -6,18 +6,21 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import pytest
 from PIL import Image
 
 from retouch.engine.fixture import FixtureEngine
 from retouch.janitor import Janitor
-from tests.integration.conftest import Api
+from tests.integration.conftest import MAX_REQUEST_BYTES, Api
 from tests.integration.test_api import assert_error, create, edit, wait_status
-from tests.support import ImageHost, image_bytes, png_bytes
+from tests.support import MALFORMED_LINK_QUERIES, ImageHost, image_bytes, png_bytes
 
 
 def upload(
@@ -25,6 +28,26 @@ def upload(
 ) -> httpx.Response:
     with api.client(key) as client:
         return client.post("/v1/uploads", files={"file": (name, data, "application/octet-stream")})
+
+
+def stored_uploads(api: Api) -> list[str]:
+    """The ids of the uploads kept in the result storage."""
+    folder = api.storage.root / "uploads"
+    return sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+
+
+def multipart(data: bytes, boundary: str = "retouch-test") -> tuple[bytes, dict[str, str]]:
+    """A `file` field as multipart/form-data, and its Content-Type header."""
+    body = (
+        (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 def events(api: Api, task_id: str) -> list[dict[str, Any]]:
@@ -58,6 +81,67 @@ def test_an_upload_is_checked_kept_and_linked(api: Api) -> None:
     assert fetched.headers["content-type"] == "image/jpeg"
     tampered = body["url"].replace("signature=", "signature=0")
     assert_error(httpx.get(tampered), 403, "permission_error", "signature")
+
+
+def test_an_upload_link_is_refused_as_result_links_are(api: Api) -> None:
+    """403 while the link is not one we signed or has expired, 404 once the file is
+    gone: what `/v1/files` answers for result links."""
+    body = upload(api, png_bytes()).json()
+    link, path = body["url"], api.storage.root / "uploads" / body["id"]
+    expires = re.search(r"expires=(\d+)", link)
+    assert expires is not None
+    later = link.replace(expires[0], f"expires={int(expires[1]) + 1}")
+    assert_error(httpx.get(later), 403, "permission_error", "signature")
+    api.clock.advance(3600)
+    error = assert_error(httpx.get(link), 403, "permission_error", "expires")
+    assert "expired" in error["message"]
+    api.clock.advance(-1)
+    assert httpx.get(link).status_code == 200
+    path.unlink()
+    error = assert_error(httpx.get(link), 404, "not_found_error", "upload_id")
+    assert error["fallback_suggestion"] == "upload the image again"
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    MALFORMED_LINK_QUERIES,
+)
+def test_malformed_upload_links_are_refused_not_500(api: Api, query: str, param: str) -> None:
+    link = f"{api.url}/v1/uploads/up_{'0' * 24}?{query}"
+    assert_error(httpx.get(link), 403, "permission_error", param)
+    with api.client() as client:
+        refused = client.post("/v1/images/generations", json=edit([link]))
+    error = assert_error(refused, 400, "invalid_request_error", "image_urls[0]")
+    if len(link) <= 2048:  # a longer URL is refused by its length first
+        assert "upload link is invalid" in error["message"]
+
+
+def test_an_upload_past_the_size_limit_is_413_even_when_chunked(api: Api) -> None:
+    body, headers = multipart(b"\0" * MAX_REQUEST_BYTES)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: only reading finds the size
+        for start in range(0, len(body), 4096):
+            yield body[start : start + 4096]
+
+    with api.client() as client:
+        declared = client.post("/v1/uploads", content=body, headers=headers)
+        streamed = client.post("/v1/uploads", content=chunks(), headers=headers)
+    assert_error(declared, 413, "request_too_large_error")
+    assert_error(streamed, 413, "request_too_large_error")
+    assert stored_uploads(api) == []
+
+
+def test_uploads_check_the_key_before_reading_the_body(api: Api) -> None:
+    body, headers = multipart(b"\0" * MAX_REQUEST_BYTES)
+    for secret in ["", "rt_not-a-real-key"]:
+        with api.client(secret) as client:
+            for response in [
+                client.post("/v1/uploads", content=iter([body]), headers=headers),  # 413 if read
+                client.post("/v1/uploads", content=b"--x\r\nbroken", headers=headers),  # 400
+            ]:
+                assert_error(response, 401, "authentication_error")
+                assert response.headers["www-authenticate"] == "Bearer"
+    assert stored_uploads(api) == []
 
 
 def test_uploads_refuse_what_an_input_image_may_not_be(api: Api) -> None:
@@ -124,6 +208,8 @@ def test_bad_data_uris_are_400_naming_the_image(api: Api) -> None:
             error = assert_error(response, 400, "invalid_request_error", "image_urls[1]")
             assert reason in error["message"]
     assert api.store.usage(api.store.list_keys()[0].account_id).tasks["pending"] == 0
+    # Every image is checked before any is kept: the good one was not stored either.
+    assert stored_uploads(api) == []
 
 
 def test_the_event_stream_follows_a_task_to_its_end(api: Api, image_host: ImageHost) -> None:

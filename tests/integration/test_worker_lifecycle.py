@@ -3,24 +3,34 @@ on PostgreSQL's notifications instead of polling."""
 
 from __future__ import annotations
 
+import errno
+import logging
+import multiprocessing
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from PIL import Image
+from sqlalchemy import create_engine, make_url, text, update
 from sqlalchemy.exc import OperationalError
 
+from retouch import server
 from retouch.accounts import EntryKind
 from retouch.clock import FakeClock
+from retouch.engine.base import EditJob, StepCallback, StopCheck
 from retouch.engine.fixture import FixtureEngine
 from retouch.fetch import ImageFetcher
 from retouch.keys import ApiKey
+from retouch.settings import Settings
 from retouch.store import Store, create_db_engine, migrate
 from retouch.store.notify import Wakeups, announce_task
+from retouch.store.schema import tasks
 from retouch.tasks import EditParams, Task, TaskStatus
 from retouch.worker import LoadedModel, Worker, WorkerConfig
 from tests.conftest import BACKENDS, POSTGRES_URL
@@ -280,6 +290,202 @@ def test_a_task_that_cannot_even_be_failed_does_not_stop_the_worker(
     assert worker_thread(api, worker).is_alive()
     stuck = stored(api.store, bad)
     assert (stuck.status, stuck.lease_owner) == (TaskStatus.PROCESSING, worker.worker_id)
+
+
+def test_a_drain_with_the_database_away_still_ends_the_worker(
+    api: Api, image_host: ImageHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handing back the task claimed ahead fails (the database is restarting): the
+    drain goes on, the worker ends without an error, and the task is left to its
+    lease, to run again once that expires."""
+    worker = api.start_worker(FixtureEngine(step_seconds=0.05, steps=30))
+    thread = worker_thread(api, worker)
+    url = image_host.add("/a.png", png_bytes())
+    running = create(api, edit([url]))["id"]
+    wait_for(worker.busy.is_set, timeout=10, what="the first task to run")
+    api.clock.advance(1)
+    ahead = create(api, edit([url]))["id"]
+    wait_task(api.store, ahead, TaskStatus.PROCESSING, timeout=5)
+    errors: list[BaseException] = []
+    monkeypatch.setattr(
+        threading, "excepthook", lambda args: errors.append(args.exc_value or Exception())
+    )
+
+    def release(*_args: object) -> bool:
+        raise OperationalError("UPDATE", {}, ConnectionRefusedError("server closed"))
+
+    monkeypatch.setattr(api.store, "release", release)
+    worker.drain(grace_seconds=30)
+
+    thread.join(10)
+    assert not thread.is_alive(), "a drained worker exits once its task is done"
+    assert errors == []
+    assert stored(api.store, running).status is TaskStatus.COMPLETED
+    left = stored(api.store, ahead)
+    assert (left.status, left.lease_owner) == (TaskStatus.PROCESSING, worker.worker_id)
+
+
+# -- cancels that come in at any moment ------------------------------------------
+
+
+def test_a_claimed_task_whose_cancel_was_requested_is_cancelled_without_fetching(
+    api: Api, image_host: ImageHost
+) -> None:
+    """A queued task flagged for cancelling (an older version handed it back so) is
+    cancelled as soon as it is claimed: no input is fetched, nothing runs, nothing
+    is charged."""
+    url = image_host.add("/a.png", png_bytes())
+    task_id = create(api, edit([url]))["id"]
+    with api.store.engine.begin() as conn:
+        conn.execute(update(tasks).where(tasks.c.id == task_id).values(cancel_requested=True))
+    engine = FixtureEngine(step_seconds=0.01, steps=3)
+    api.start_worker(engine)
+    cancelled = wait_task(api.store, task_id, TaskStatus.CANCELLED, TaskStatus.COMPLETED)
+    assert (cancelled.status, cancelled.attempts) == (TaskStatus.CANCELLED, 1)
+    assert image_host.requests == [] and engine.runs == 0
+    assert ledger_kinds(api.store, cancelled) == [EntryKind.RESERVE, EntryKind.RELEASE]
+    # The worker carries on with the next task.
+    following = create(api, edit([url]))["id"]
+    assert wait_task(api.store, following, TaskStatus.COMPLETED).attempts == 1
+
+
+def endless_image(image_host: ImageHost) -> str:
+    """An image URL whose body never ends: a byte every 0.1 s (the fetch limit is 5 s)."""
+
+    def chunks() -> Iterator[bytes]:
+        while True:
+            yield b"x"
+
+    return image_host.stream("/endless.png", chunks, drip_seconds=0.1)
+
+
+def test_a_cancel_stops_the_fetch_of_its_inputs(api: Api, image_host: ImageHost) -> None:
+    """A task cancelled while its inputs download is cancelled within about a second,
+    not when the download's time limit runs out; the worker goes on."""
+    engine = FixtureEngine(step_seconds=0.01, steps=3)
+    api.start_worker(engine)
+    task_id = create(api, edit([endless_image(image_host)]))["id"]
+    wait_for(lambda: image_host.requests == ["/endless.png"], timeout=5, what="the fetch")
+    started = time.monotonic()
+    cancel_through_the_api(api, task_id)
+    done = wait_task(api.store, task_id, TaskStatus.CANCELLED, TaskStatus.FAILED, timeout=10)
+    assert done.status is TaskStatus.CANCELLED, done.error
+    assert time.monotonic() - started < 3.0, "stopped by the cancel, not the 5 s limit"
+    assert engine.runs == 0
+    assert ledger_kinds(api.store, done) == [EntryKind.RESERVE, EntryKind.RELEASE]
+    following = create(api, edit([image_host.add("/a.png", png_bytes())]))["id"]
+    assert wait_task(api.store, following, TaskStatus.COMPLETED).attempts == 1
+
+
+def test_a_hard_stop_ends_a_fetch_and_hands_its_task_back(api: Api, image_host: ImageHost) -> None:
+    worker = api.start_worker(FixtureEngine(step_seconds=0.01, steps=3))
+    thread = worker_thread(api, worker)
+    task_id = create(api, edit([endless_image(image_host)]))["id"]
+    wait_for(lambda: image_host.requests == ["/endless.png"], timeout=5, what="the fetch")
+    started = time.monotonic()
+    worker.stopping.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 1.5, "the fetch ends at once, not at its 5 s limit"
+    assert_handed_back(api.store, task_id)
+
+
+class CancelledAsItFinishes(FixtureEngine):
+    """A fixture engine whose task is cancelled just after its last step."""
+
+    def __init__(self, cancel: Callable[[], None]) -> None:
+        super().__init__(step_seconds=0.01, steps=3)
+        self.cancel = cancel
+
+    def run(self, job: EditJob, on_step: StepCallback, should_stop: StopCheck) -> list[Image.Image]:
+        outputs = super().run(job, on_step, should_stop)
+        self.cancel()
+        return outputs
+
+
+def cancel_through_the_api(api: Api, task_id: str) -> None:
+    with api.client() as client:
+        response = client.post(f"/v1/tasks/{task_id}/cancel")
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("moment", ["after-the-edit", "while-storing", "as-it-completes"])
+def test_a_cancel_after_the_edit_is_honoured_and_nothing_is_charged_or_kept(
+    api: Api, image_host: ImageHost, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """A cancel that comes in once the engine is done (as the images are encoded,
+    while they are stored, or just before the task completes) ends the task
+    cancelled: its credits are released and none of its images is kept."""
+    task_id = create(api, edit([image_host.add("/a.png", png_bytes())], n=2))["id"]
+    engine: FixtureEngine = FixtureEngine(step_seconds=0.01, steps=3)
+    if moment == "after-the-edit":
+        engine = CancelledAsItFinishes(lambda: cancel_through_the_api(api, task_id))
+    elif moment == "while-storing":
+        real_put = api.storage.put
+
+        def put(*args: Any) -> str:
+            key = real_put(*args)
+            cancel_through_the_api(api, task_id)
+            return key
+
+        monkeypatch.setattr(api.storage, "put", put)
+    else:
+        real_complete = api.store.complete
+
+        def complete(*args: Any) -> bool:
+            cancel_through_the_api(api, task_id)
+            return real_complete(*args)
+
+        monkeypatch.setattr(api.store, "complete", complete)
+    api.start_worker(engine)
+    done = wait_task(api.store, task_id, TaskStatus.CANCELLED, TaskStatus.COMPLETED)
+    assert (done.status, done.result_keys, done.error) == (TaskStatus.CANCELLED, [], None)
+    assert ledger_kinds(api.store, done) == [EntryKind.RESERVE, EntryKind.RELEASE]
+    assert not list(api.storage.root.rglob("*.png")), "no image of the cancelled task is kept"
+    assert task_detail(api, task_id)["status"] == "cancelled"
+
+
+# -- the server's worker supervisor ------------------------------------------------
+
+
+def test_the_supervisor_keeps_restarting_a_worker_that_will_not_start(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker process died, and starting a new one fails (no process could be
+    forked, say): the supervisor logs it and tries again after a wait, until one
+    starts, instead of its monitor dying and the server running on without one."""
+    context = multiprocessing.get_context("spawn")
+    starts: list[str] = []
+    processes: list[BaseProcess] = []
+
+    def spawn() -> BaseProcess:
+        starts.append("start")
+        if len(starts) in (2, 3):
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        # The first worker dies at once; the one at last started lives on.
+        process = context.Process(target=time.sleep, args=(0 if len(starts) == 1 else 60,))
+        process.daemon = True
+        process.start()
+        processes.append(process)
+        return process
+
+    monkeypatch.setattr(server, "_RESTART_DELAY_SECONDS", 0.01)
+    supervisor = server.WorkerSupervisor(Settings(data_dir=tmp_path / "data"), store)
+    monkeypatch.setattr(supervisor, "_spawn", spawn)
+    caplog.set_level(logging.ERROR, logger="retouch.server")
+    supervisor.start()
+    try:
+        wait_for(lambda: len(processes) == 2, timeout=30, what="the worker to be started again")
+        assert len(starts) == 4 and processes[-1].is_alive()
+    finally:
+        supervisor.stop()
+    assert processes[-1].exitcode is not None, "stopped with the server"
+    failures = [r for r in caplog.records if r.getMessage().startswith("could not restart")]
+    assert [r.getMessage() for r in failures] == [
+        "could not restart the worker (next try in 0 s)",
+        "could not restart the worker (next try in 0 s)",
+    ]
+    assert all(isinstance(r.exc_info and r.exc_info[1], OSError) for r in failures)
 
 
 # -- waking up on notifications (PostgreSQL) ---------------------------------------

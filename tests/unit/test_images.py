@@ -62,6 +62,23 @@ def test_truncated_jpeg() -> None:
     assert "truncated or corrupt" in rejected(data[: len(data) // 2])
 
 
+def tiff_with_a_page_without_dimensions() -> bytes:
+    """A valid 400x400 TIFF whose chain of pages leads to a second one with no width
+    or height: counting its pages makes Pillow raise TypeError, not OSError."""
+    data = bytearray(image_bytes(Image.new("RGB", (400, 400), (1, 2, 3)), "TIFF"))
+    first = struct.unpack("<I", data[4:8])[0]
+    entries = struct.unpack("<H", data[first : first + 2])[0]
+    next_page = first + 2 + 12 * entries
+    data[next_page : next_page + 4] = struct.pack("<I", len(data))
+    software = struct.pack("<HHI4s", 305, 2, 4, b"ab\0\0")  # one tag, no dimensions
+    return bytes(data + struct.pack("<H", 1) + software + struct.pack("<I", 0))
+
+
+def test_whatever_a_parser_raises_on_damaged_bytes_is_a_named_refusal() -> None:
+    message = rejected(tiff_with_a_page_without_dimensions())
+    assert "TIFF image is truncated or corrupt" in message and "TypeError" in message
+
+
 def test_decompression_bomb_is_refused_before_decoding() -> None:
     # A PNG header declaring 100000x100000 pixels, with almost no data.
     def chunk(kind: bytes, payload: bytes) -> bytes:

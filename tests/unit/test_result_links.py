@@ -10,7 +10,7 @@ import pytest
 
 from retouch.clock import FakeClock
 from retouch.errors import NotFoundError, PermissionDeniedError
-from retouch.storage import LocalResultStorage
+from retouch.storage import LocalResultStorage, link_expires, signature_matches
 
 TASK = "task-unified-1767225600-abcd1234"
 RUN = "0123abcd"
@@ -70,3 +70,27 @@ def test_deleted_result_is_not_found(storage: LocalResultStorage, clock: FakeClo
     assert not (storage.root / TASK).exists()
     with pytest.raises(NotFoundError):
         storage.open_signed(*parts(link))
+
+
+def test_malformed_signatures_are_refused_not_raised(
+    storage: LocalResultStorage, clock: FakeClock
+) -> None:
+    """`hmac.compare_digest` raises TypeError on non-ASCII text: only well-formed
+    signatures reach it."""
+    key = storage.put(TASK, 0, b"png", RUN)
+    key_, expires, signature = parts(storage.link("http://h", key, clock.now() + timedelta(1)))
+    for bad in ["é" * 64, signature.upper(), signature[:-1], signature + "0", ""]:
+        assert not signature_matches(signature, bad)
+        with pytest.raises(PermissionDeniedError, match="signature"):
+            storage.open_signed(key_, expires, bad)
+    assert signature_matches(signature, signature)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1767225600", 1767225600), ("0", 0), ("9" * 11, 99_999_999_999), ("9" * 12, None),
+     ("9" * 5000, None), ("²", None), ("٣", None), ("-1", None), ("+1", None), (" 1", None),
+     ("1\n", None), ("", None)],
+)  # fmt: skip
+def test_link_expires_is_a_short_run_of_ascii_digits(value: str, expected: int | None) -> None:
+    assert link_expires(value) == expected

@@ -1,5 +1,7 @@
 """The HTTP endpoints. Each one parses on the event loop, then does all of its
-database work in one worker-thread hop (`_in_thread`), then renders."""
+database work in one worker-thread hop (`_in_thread`), then renders. Those that
+read a body check the API key first (`_caller`): a stranger cannot make the
+server read and parse megabytes."""
 
 from __future__ import annotations
 
@@ -34,9 +36,15 @@ from retouch.api.schemas import (
     model_info,
 )
 from retouch.api.service import TaskService
-from retouch.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from retouch.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RetouchError,
+)
 from retouch.keys import ApiKey
 from retouch.metrics import readiness_problems, render_latest
+from retouch.storage import link_expires
 from retouch.tasks import Task
 from retouch.uploads import content_type
 
@@ -57,18 +65,35 @@ def _service(request: Request) -> TaskService:
 
 
 async def _in_thread(
-    request: Request, work: Callable[[TaskService, ApiKey], T], *, read_only: bool = False
+    request: Request,
+    work: Callable[[TaskService, ApiKey], T],
+    *,
+    read_only: bool = False,
+    key: ApiKey | None = None,
 ) -> T:
-    """Authenticate and do the request's work in one worker-thread hop (or, for
-    reads that cannot wait on a lock, right here)."""
-    secret = bearer_secret(request)
+    """Authenticate (unless `key` is the caller's, checked already) and do the
+    request's work in one worker-thread hop (or, for reads that cannot wait on a
+    lock, right here)."""
     service = _service(request)
+    if key is not None:
+        return await run_in_threadpool(work, service, key)
+    secret = bearer_secret(request)
     if not service.store.reads_never_wait:
         return await run_in_threadpool(lambda: work(service, authenticate(service.store, secret)))
     key = authenticate(service.store, secret)
     if read_only:
         return work(service, key)
     return await run_in_threadpool(work, service, key)
+
+
+async def _caller(request: Request) -> ApiKey:
+    """The caller's key, or the same 401 as `_in_thread` answers; for routes that
+    must not read a body for someone without one."""
+    secret = bearer_secret(request)
+    store = _service(request).store
+    if store.reads_never_wait:
+        return authenticate(store, secret)
+    return await run_in_threadpool(authenticate, store, secret)
 
 
 async def _task_detail(
@@ -102,6 +127,10 @@ async def json_body(request: Request, model: type[M]) -> M:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError(
+            "The request body is not valid JSON: it is nested too deeply"
+        ) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object")
     try:
@@ -176,7 +205,7 @@ _TASK_LINKS = {
     openapi_extra={**_CREATE_BODY, "security": SECURITY},
 )
 async def create_generation(request: Request) -> JSONResponse:
-    bearer_secret(request)  # a missing key answers 401 before the body is read
+    caller = await _caller(request)  # a stranger's body is never read
     idempotency_key = _idempotency_key(request)
     body = await edit_request(request)
     base_url = str(request.base_url)
@@ -185,7 +214,7 @@ async def create_generation(request: Request) -> JSONResponse:
         task, replayed = service.create(key, body, idempotency_key, base_url)
         return service.render(task, base_url, detail=False), replayed
 
-    rendered, replayed = await _in_thread(request, work)
+    rendered, replayed = await _in_thread(request, work, key=caller)
     headers = {"Location": f"/v1/tasks/{rendered['id']}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -347,7 +376,7 @@ async def task_events(task_id: str, request: Request) -> StreamingResponse:
     },
 )
 async def upload_image(request: Request) -> JSONResponse:
-    bearer_secret(request)
+    caller = await _caller(request)  # a stranger's body is never read
     service = _service(request)
     uploads = service.uploads
     if uploads is None:
@@ -359,6 +388,8 @@ async def upload_image(request: Request) -> JSONResponse:
         )
     try:
         form = await request.form(max_files=1, max_fields=10)
+    except RetouchError:  # a body past the size limit (413)
+        raise
     except Exception as exc:  # malformed multipart bodies
         raise InvalidRequestError(f"The multipart body could not be read: {exc}") from None
     try:
@@ -383,7 +414,16 @@ async def upload_image(request: Request) -> JSONResponse:
             "height": upload.height,
         }
 
-    return JSONResponse(await _in_thread(request, work))
+    return JSONResponse(await _in_thread(request, work, key=caller))
+
+
+# The query of a signed link (a result or an upload): no API key, these instead.
+_SIGNED_LINK_QUERY: dict[str, Any] = {
+    "parameters": [
+        {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"}},
+        {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"}},
+    ]
+}
 
 
 @router.get(
@@ -392,19 +432,14 @@ async def upload_image(request: Request) -> JSONResponse:
     summary="An uploaded image (signed link, no API key)",
     tags=["Image Generation"],
     responses={200: {"content": {"image/*": {}}, "description": "The image"}, **_errors(403, 404)},
+    openapi_extra=_SIGNED_LINK_QUERY,
 )
 async def download_upload(upload_id: str, request: Request) -> Response:
     uploads = _service(request).uploads
-    expires = request.query_params.get("expires", "")
-    signature = request.query_params.get("signature", "")
     if uploads is None:
         raise NotFoundError("This server does not take uploads")
-    if not expires.isdecimal() or not signature:
-        raise PermissionDeniedError(
-            "This upload link is incomplete: `expires` and `signature` are required",
-            param="signature",
-        )
-    data = await run_in_threadpool(uploads.open_signed, upload_id, int(expires), signature)
+    expires, signature = _signed_link(request, "upload")
+    data = await run_in_threadpool(uploads.open_signed, upload_id, expires, signature)
     return Response(data, media_type=content_type(data), headers={"Cache-Control": "private"})
 
 
@@ -430,24 +465,31 @@ async def get_usage(request: Request) -> JSONResponse:
         200: {"content": {"image/png": {}}, "description": "The PNG"},
         **_errors(403, 404),
     },
-    openapi_extra={
-        "parameters": [
-            {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"}},
-            {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"}},
-        ]
-    },
+    openapi_extra=_SIGNED_LINK_QUERY,
 )
 async def download_result(key: str, request: Request) -> FileResponse:
+    expires, signature = _signed_link(request, "result")
+    storage = _service(request).storage
+    path = await run_in_threadpool(storage.open_signed, key, expires, signature)
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private"})
+
+
+def _signed_link(request: Request, what: str) -> tuple[int, str]:
+    """A signed link's `expires` (a Unix time) and `signature`; 403, as for a
+    signature that does not match, when either is missing or malformed."""
     expires = request.query_params.get("expires", "")
     signature = request.query_params.get("signature", "")
-    if not expires.isdigit() or not signature:
+    if not expires or not signature:
         raise PermissionDeniedError(
-            "This result link is incomplete: `expires` and `signature` are required",
+            f"This {what} link is incomplete: `expires` and `signature` are required",
             param="signature",
         )
-    storage = _service(request).storage
-    path = await run_in_threadpool(storage.open_signed, key, int(expires), signature)
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private"})
+    seconds = link_expires(expires)
+    if seconds is None:
+        raise PermissionDeniedError(
+            f"This {what} link is invalid: `expires` is not a Unix time", param="expires"
+        )
+    return seconds, signature
 
 
 @router.get("/healthz", tags=["Operations"], summary="Liveness")

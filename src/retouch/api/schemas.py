@@ -66,7 +66,8 @@ class QwenImageEditRequest(BaseModel):
     size: str | None = Field(
         default=None,
         description="Extension: output size `WxH`, each side 512-2048 and a multiple of 16; "
-        "default: about 1 megapixel at the aspect ratio of the last input image",
+        "default: about 1 megapixel at the aspect ratio of the last input image, fitted "
+        "within those bounds and the model's max output side",
         examples=["1024x1024"],
     )
     prompt_extend: StrictBool = Field(

@@ -17,6 +17,7 @@ from retouch.errors import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
+    RetouchError,
     ServiceUnavailableError,
 )
 from retouch.keys import ApiKey
@@ -26,7 +27,7 @@ from retouch.prompts import PromptTokenCounter, ensure_prompt_fits
 from retouch.storage import ResultStorage
 from retouch.store import Store
 from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
-from retouch.uploads import Uploads, is_data_uri
+from retouch.uploads import Upload, Uploads, is_data_uri
 
 DEFAULT_TASK_SECONDS = 30.0
 _ESTIMATE_CACHE_SECONDS = 10.0
@@ -70,21 +71,37 @@ class TaskService:
         whether it was replayed."""
         model = self._model(request.model)
         self._check_allowed(key, model, request)
-        image_urls = self._store_data_uris(request.image_urls, base_url)
+        inline = self._check_data_uris(request.image_urls)
+        image_urls = self._link_data_uris(request.image_urls, inline, base_url)
+        task = self._new_task(key, model, request, image_urls, base_url)
+        # Stored before the task exists (a worker may claim it at once) and deleted
+        # again when it is refused or replayed, so neither leaves files behind. After
+        # any other error (the database gone) the task may exist: the janitor's purge
+        # of old uploads takes them instead.
+        kept = self._keep(inline)
+        try:
+            task, replayed = self._admit(task, self._admission(key, request, idempotency_key))
+        except RetouchError:
+            self._discard(kept)
+            raise
+        if replayed:
+            self._discard(kept)  # the replayed task reads the first request's uploads
+        return task, replayed
+
+    def _new_task(
+        self,
+        key: ApiKey,
+        model: ModelSpec,
+        request: QwenImageEditRequest,
+        image_urls: list[str],
+        base_url: str,
+    ) -> Task:
         width, height = parse_size(request.size) if request.size else (None, None)
         now = self.clock.now()
         priority_at = now
         if key.user_group == "vip":
             priority_at -= timedelta(seconds=self.limits.vip_priority_seconds)
-        limits = self.limits.for_account(key.account)
-        admission = Admission(
-            requests_per_minute=limits.requests_per_minute,
-            max_concurrent_tasks=limits.max_concurrent_tasks,
-            max_queued_tasks=self.limits.max_queued_tasks,
-            idempotency_key=idempotency_key,
-            fingerprint=_fingerprint(request) if idempotency_key else None,
-        )
-        task = Task(
+        return Task(
             id=new_task_id(int(now.timestamp())),
             key_id=key.id,
             account_id=key.account_id,
@@ -105,17 +122,33 @@ class TaskService:
             priority_at=priority_at,
             user_group=key.user_group,
             credits_reserved=to_credits(to_units(model.price) * request.n),
+            base_url=None if self.public_url or not base_url else base_url,
         )
+
+    def _admission(
+        self, key: ApiKey, request: QwenImageEditRequest, idempotency_key: str | None
+    ) -> Admission:
+        limits = self.limits.for_account(key.account)
+        return Admission(
+            requests_per_minute=limits.requests_per_minute,
+            max_concurrent_tasks=limits.max_concurrent_tasks,
+            max_queued_tasks=self.limits.max_queued_tasks,
+            idempotency_key=idempotency_key,
+            fingerprint=_fingerprint(request) if idempotency_key else None,
+        )
+
+    def _admit(self, task: Task, admission: Admission) -> tuple[Task, bool]:
+        """Create the task if the account and the server may take it now."""
         try:
             return self.store.create_task(task, admission)
         except TooManyUnfinished as exc:
             raise RateLimitError(
                 f"Rate limit exceeded: this account may have {exc.limit} unfinished tasks at "
                 "a time; wait for one to finish",
-                retry_after=self._first_finish(key.account_id),
+                retry_after=self._first_finish(task.account_id),
             ) from None
         except QueueFull as exc:
-            per_task = self._typical_seconds(model.name)
+            per_task = self._typical_seconds(task.model)
             drain = per_task * (exc.unfinished - exc.limit + 1) / max(1, exc.running)
             raise ServiceUnavailableError(
                 f"Service temporarily unavailable: the queue is full ({exc.limit} unfinished "
@@ -196,23 +229,56 @@ class TaskService:
         self._check_urls(request)
         ensure_prompt_fits(self.tokens.count(spec, request.prompt) if self.tokens else None)
 
-    def _store_data_uris(self, urls: list[str], base_url: str) -> list[str]:
-        """`data:` images become uploads (the task keeps a link, not megabytes)."""
+    def _check_data_uris(self, urls: list[str]) -> dict[int, tuple[Upload, bytes]]:
+        """`data:` images by index, decoded and checked in memory (none is stored
+        until every one has passed)."""
         if not any(is_data_uri(url) for url in urls):
+            return {}
+        uploads = self._data_uri_uploads()
+        inline: dict[int, tuple[Upload, bytes]] = {}
+        for i, url in enumerate(urls):
+            if is_data_uri(url):
+                param = f"image_urls[{i}]"
+                data = uploads.decode_data_uri(url, param)
+                inline[i] = (uploads.check(data, param), data)
+        return inline
+
+    def _link_data_uris(
+        self, urls: list[str], inline: dict[int, tuple[Upload, bytes]], base_url: str
+    ) -> list[str]:
+        """The task keeps a link to each `data:` image's upload, not megabytes."""
+        if not inline:
             return urls
+        uploads, base = self._data_uri_uploads(), self.public_url or base_url
+        return [
+            uploads.link(base, inline[i][0]) if i in inline else url for i, url in enumerate(urls)
+        ]
+
+    def _keep(self, inline: dict[int, tuple[Upload, bytes]]) -> list[Upload]:
+        """Store the checked `data:` images; all of them or, on a failure, none."""
+        kept: list[Upload] = []
+        if not inline:
+            return kept
+        uploads = self._data_uri_uploads()
+        try:
+            for upload, data in inline.values():
+                uploads.keep(upload, data)
+                kept.append(upload)
+        except BaseException:
+            uploads.discard(kept)
+            raise
+        return kept
+
+    def _discard(self, kept: list[Upload]) -> None:
+        if kept:
+            self._data_uri_uploads().discard(kept)
+
+    def _data_uri_uploads(self) -> Uploads:
         if self.uploads is None:
             raise InvalidRequestError(
                 "this server does not accept data: URIs; send http(s) URLs", param="image_urls"
             )
-        uploads = self.uploads
-        return [
-            uploads.link(
-                self.public_url or base_url, uploads.save_data_uri(url, f"image_urls[{i}]")
-            )
-            if is_data_uri(url)
-            else url
-            for i, url in enumerate(urls)
-        ]
+        return self.uploads
 
     def _check_urls(self, request: QwenImageEditRequest) -> None:
         """What the URLs show by themselves; their addresses are checked again when
@@ -245,6 +311,12 @@ class TaskService:
 
     def cancel(self, key: ApiKey, task_id: str) -> Task:
         return self.store.request_cancel(task_id, key.id)
+
+    def render_callback(self, task: Task, server_url: str) -> dict[str, Any]:
+        """The task detail its callback carries: its links go through the public URL,
+        else the address the task was created through (as a poll there shows them),
+        else (a task older than that record) `server_url`."""
+        return self.render(task, task.base_url or server_url)
 
     def render(self, task: Task, base_url: str, *, detail: bool = True) -> dict[str, Any]:
         """The seed's task object (and, for `detail`, results and error)."""

@@ -12,12 +12,17 @@ behave exactly as they do with a real checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from retouch.errors import ModelLoadError
 
 # A marker written last: a directory without it is an interrupted build.
 COMPLETE_MARKER = "retouch-demo.json"
@@ -76,26 +81,75 @@ def ensure_demo_checkpoint(directory: Path) -> Path:
     """Build the demo checkpoint into `directory` unless a complete one is there."""
     if is_complete(directory):
         return directory
-    write_demo_checkpoint(directory)
-    return directory
+    return write_demo_checkpoint(directory)
 
 
 def write_demo_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint atomically: build in a sibling folder, then rename."""
+    """Write the tiny checkpoint into `directory`, safely beside other writers.
+
+    Several workers sharing a data directory may build it at once. The build goes
+    into a folder of its own, then is renamed into place in one step, so nobody
+    ever sees a partial checkpoint. A lock file serialises builders on one host
+    (the second finds the first's checkpoint complete and builds nothing); without
+    it (another host on a network file system) a builder whose rename fails because
+    a complete checkpoint is already there takes that one and drops its own copy.
+    A complete checkpoint is never deleted, and a directory that is no demo
+    checkpoint at all is refused rather than replaced."""
     directory = directory.resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=directory.parent))
-    try:
-        pipeline = build_demo_pipeline(seed)
-        pipeline.save_pretrained(staging, safe_serialization=True)
-        (staging / COMPLETE_MARKER).write_text(json.dumps({"format": DEMO_FORMAT, "seed": seed}))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with _build_lock(directory):
+        if is_complete(directory):
+            return directory
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-build-", dir=directory.parent))
+        try:
+            pipeline = build_demo_pipeline(seed)
+            pipeline.save_pretrained(staging, safe_serialization=True)
+            marker = {"format": DEMO_FORMAT, "seed": seed}
+            (staging / COMPLETE_MARKER).write_text(json.dumps(marker))
+            _install(staging, directory)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+@contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on a file beside `directory`, held while building it."""
+    lock_path = directory.parent / f".{directory.name}.lock"
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _install(staging: Path, directory: Path) -> None:
+    """Rename the finished `staging` folder to `directory` in one step."""
+    try:
+        # rename(2) is atomic; it fails if `directory` exists and is not empty.
+        os.rename(staging, directory)
+        return
+    except OSError:
+        if is_complete(directory):
+            return  # another builder got there first: theirs is as good as ours
+        if not directory.is_dir() or not (directory / COMPLETE_MARKER).exists():
+            raise ModelLoadError(
+                f"{directory} exists and is not a Retouch demo checkpoint; remove it or "
+                "choose another directory for the demo model."
+            ) from None
+    # A demo checkpoint of another format: move it aside (one step), then install.
+    stale = Path(tempfile.mkdtemp(prefix=f".{directory.name}-stale-", dir=directory.parent))
+    try:
+        os.rename(directory, stale / directory.name)
+        try:
+            os.rename(staging, directory)
+        except OSError:
+            if not is_complete(directory):
+                raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def build_demo_pipeline(seed: int = 0) -> Any:

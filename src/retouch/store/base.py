@@ -17,12 +17,14 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from retouch.clock import Clock, SystemClock
 
 # The threads of one process that may run a query at once: the API's thread pool
 # (40) and the server's own (worker stages, lease keepers, janitor, callbacks).
+# On PostgreSQL it sizes the pool's overflow; on SQLite it is no limit (see below).
 QUERY_THREADS = 48
 DEFAULT_POOL_SIZE = 10
 
@@ -39,14 +41,16 @@ def create_db_engine(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
         return create_engine(
             url, pool_pre_ping=True, pool_size=pool_size, max_overflow=QUERY_THREADS
         )
-    # One pooled connection per thread that may run a query: connections beyond the
-    # pool would be opened and closed per request. SQLite connections cost nothing
-    # to keep, so they all stay.
+    # Each thread keeps a reader and a writer for as long as it lives (StoreBase), so
+    # a cap on connections would be a cap on threads, and the thread past it would
+    # wait for the pool's timeout and fail. How many threads query is the process's
+    # business (the event loop, the API's pool, the callback senders...): no cap.
+    # SQLite connections cost nothing to keep, so those of the usual threads stay.
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": 30},
-        pool_size=QUERY_THREADS,
-        max_overflow=QUERY_THREADS,
+        pool_size=2 * QUERY_THREADS,
+        max_overflow=-1,
     )
 
     @event.listens_for(engine, "connect")
@@ -74,10 +78,23 @@ def create_db_engine(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
 
 def database_unavailable(exc: BaseException) -> bool:
     """A database that cannot answer now (restarting, unreachable, a SQLite file
-    locked past the busy timeout), as opposed to a bug such as a missing table."""
+    locked past the busy timeout, every pooled connection busy past the pool's
+    timeout), as opposed to a bug such as a missing table."""
+    if isinstance(exc, PoolTimeoutError):
+        return True
     if not isinstance(exc, OperationalError):
         return False
     return exc.connection_invalidated or not str(exc.orig).lower().startswith("no such ")
+
+
+class PoolExhausted(OperationalError):
+    """No pooled connection came free within the pool's timeout. Raised in place of
+    SQLAlchemy's `TimeoutError`, which is no `OperationalError`, so that whoever
+    handles a database that cannot answer now (the API's 503, the worker's retries)
+    handles this one too."""
+
+    def __init__(self, cause: PoolTimeoutError) -> None:
+        super().__init__(None, None, cause)
 
 
 class StoreBase:
@@ -114,7 +131,7 @@ class StoreBase:
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         if not self._reuse_connections:
-            with self.engine.begin() as pooled:
+            with self._checkout() as pooled, pooled.begin():
                 yield pooled
             return
         conn = self._thread_connection("writer")
@@ -124,7 +141,7 @@ class StoreBase:
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         if not self._reuse_connections:
-            with self.engine.connect() as pooled, pooled.begin():
+            with self._checkout() as pooled, pooled.begin():
                 yield pooled
             return
         conn = self._thread_connection("reader")
@@ -133,19 +150,28 @@ class StoreBase:
         finally:
             conn.rollback()  # ends SQLAlchemy's transaction; nothing is open in SQLite
 
+    def _checkout(self) -> Connection:
+        try:
+            return self.engine.connect()
+        except PoolTimeoutError as exc:
+            raise PoolExhausted(exc) from exc
+
     def _thread_connection(self, role: str) -> Connection:
         """This thread's own SQLite connection for reads (autocommit) or writes."""
         conn: Connection | None = getattr(self._local, role, None)
         if conn is None or conn.closed:
-            conn = self.engine.connect()
+            self._close_ended_threads()  # their connections go back to the pool first
+            conn = self._checkout()
             if role == "reader":
                 conn.execution_options(retouch_readonly=True)
             setattr(self._local, role, conn)
-            self._register(conn)
+            with self._lock:
+                self._connections.append((weakref.ref(threading.current_thread()), conn))
         return conn
 
-    def _register(self, conn: Connection) -> None:
-        """Remember a thread's connection; close those of threads that have ended."""
+    def _close_ended_threads(self) -> None:
+        """Close the connections of threads that have ended (the API's idle threads
+        end after a while and new ones start)."""
         with self._lock:
             alive = []
             for thread_ref, known in self._connections:
@@ -154,7 +180,6 @@ class StoreBase:
                     alive.append((thread_ref, known))
                 else:
                     known.close()
-            alive.append((weakref.ref(threading.current_thread()), conn))
             self._connections = alive
 
     def _any(self, condition: Any) -> bool:

@@ -3,6 +3,7 @@ transaction, so a delivery is never lost and never sent before billing is final.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from retouch.store.base import StoreBase
 from retouch.store.rows import task_from_row
 from retouch.store.schema import callback_deliveries, tasks
 from retouch.tasks import Task
+
+log = logging.getLogger(__name__)
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -33,6 +36,8 @@ class Delivery:
     last_status_code: int | None
     last_error: str | None
     created_at: datetime
+    # Set by a claim, cleared by its result: a claim's token (see `record_attempt`).
+    locked_until: datetime | None = None
 
 
 def new_message_id() -> str:
@@ -69,6 +74,7 @@ def delivery_from_row(row: Row[Any]) -> Delivery:
         last_status_code=row.last_status_code,
         last_error=row.last_error,
         created_at=row.created_at,
+        locked_until=row.locked_until,
     )
 
 
@@ -77,7 +83,9 @@ class OutboxStore(StoreBase):
 
     def claim_due_deliveries(self, limit: int, lock_seconds: float) -> list[Delivery]:
         """Deliveries whose next attempt is due, locked for `lock_seconds` so that
-        no other dispatcher sends them meanwhile."""
+        no other dispatcher sends them meanwhile. A delivery is claimed again only
+        once its lock has passed, so each claim of it sets a later `locked_until`:
+        the claim's token."""
         now = self.clock.now()
         is_due = and_(
             callback_deliveries.c.status == PENDING,
@@ -107,14 +115,18 @@ class OutboxStore(StoreBase):
 
     def record_attempt(
         self,
-        delivery_id: str,
+        delivery: Delivery,
         *,
         delivered: bool,
         status_code: int | None,
         error: str | None,
         retry_at: datetime | None,
-    ) -> None:
-        """One more attempt: delivered, to be retried at `retry_at`, or given up."""
+    ) -> bool:
+        """One more attempt of a claimed delivery: delivered, to be retried at
+        `retry_at`, or given up. Recorded only while the claim is the latest one
+        (its `locked_until` still in place): the result of a claim whose lock passed
+        and that another dispatcher claimed again since, or that has a result
+        already, is dropped, and False returned."""
         now = self.clock.now()
         if delivered:
             status, finished = DELIVERED, now
@@ -123,9 +135,13 @@ class OutboxStore(StoreBase):
         else:
             status, finished = PENDING, None
         with self._write() as conn:
-            conn.execute(
+            recorded = conn.execute(
                 update(callback_deliveries)
-                .where(callback_deliveries.c.id == delivery_id)
+                .where(
+                    callback_deliveries.c.id == delivery.id,
+                    callback_deliveries.c.status == PENDING,
+                    callback_deliveries.c.locked_until == delivery.locked_until,
+                )
                 .values(
                     status=status,
                     attempts=callback_deliveries.c.attempts + 1,
@@ -135,7 +151,14 @@ class OutboxStore(StoreBase):
                     locked_until=None,
                     finished_at=finished,
                 )
+            ).rowcount
+        if not recorded:
+            log.warning(
+                "callback %s: dropped the result of a claim that is no longer the latest "
+                "(its lock passed and it was claimed again, or recorded already)",
+                delivery.id,
             )
+        return bool(recorded)
 
     def latest_delivery(self, task_id: str) -> Delivery | None:
         query = (

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     and_,
     bindparam,
@@ -59,6 +60,8 @@ _QUEUE_AHEAD = select(func.count()).where(
 _PENDING = TaskStatus.PENDING.value
 _PROCESSING = TaskStatus.PROCESSING.value
 _UNFINISHED = (_PENDING, _PROCESSING)
+_CANCEL_REQUESTED = tasks.c.cancel_requested.is_(True)
+_NOT_CANCELLED = tasks.c.cancel_requested.is_(False)
 RATE_PERIOD_SECONDS = 60.0
 _QUEUE_CAP_LOCK = 0x7265746F7571  # any constant, distinct from the migration lock
 
@@ -76,6 +79,39 @@ def _admit_rate(tat: datetime | None, per_minute: int, now: datetime) -> datetim
             retry_after=wait,
         )
     return arrival + timedelta(seconds=interval)
+
+
+def _stale_leases(
+    now: datetime,
+    *,
+    all_leases: bool,
+    only: Mapping[str, datetime] | None,
+    owner: str | None,
+) -> ColumnElement[bool]:
+    """The running tasks `reap_expired_leases` takes back (see there)."""
+    stale = tasks.c.status == _PROCESSING
+    if owner is not None:
+        stale = and_(stale, tasks.c.lease_owner == owner)
+    elif not all_leases:
+        stale = and_(stale, tasks.c.lease_expires_at < now)
+    if only is not None:
+        named = (
+            and_(tasks.c.id == task_id, tasks.c.lease_expires_at == expiry)
+            for task_id, expiry in only.items()
+        )
+        stale = and_(stale, or_(*named))
+    return stale
+
+
+def _given_up(max_attempts: int) -> TaskError:
+    return TaskError(
+        code=500,
+        type="internal_server_error",
+        message=(
+            f"the worker running this task stopped {max_attempts} time(s) "
+            "before it finished; the task was given up"
+        ),
+    )
 
 
 class TaskQueue(StoreBase):
@@ -135,6 +171,7 @@ class TaskQueue(StoreBase):
                     attempts=0,
                     cancel_requested=False,
                     results_purged=False,
+                    base_url=task.base_url,
                 )
             )
             ledger.reserve(conn, task.account_id, task.id, units, now)
@@ -319,10 +356,13 @@ class TaskQueue(StoreBase):
     def complete(
         self, task_id: str, worker_id: str, result_keys: Sequence[str], expires_at: datetime
     ) -> bool:
+        """Complete a leased task with its results; False if the lease was lost or a
+        cancel was requested meanwhile (the worker then cancels it and drops them)."""
         return self._finish(
             task_id,
             worker_id,
             TaskStatus.COMPLETED,
+            _NOT_CANCELLED,
             progress=100,
             result_keys=list(result_keys),
             results_expire_at=expires_at,
@@ -335,13 +375,16 @@ class TaskQueue(StoreBase):
         )
 
     def cancel_running(self, task_id: str, worker_id: str) -> bool:
-        return self._finish(task_id, worker_id, TaskStatus.CANCELLED)
+        """Cancel a leased task whose cancel was requested; nothing is charged."""
+        return self._finish(task_id, worker_id, TaskStatus.CANCELLED, _CANCEL_REQUESTED)
 
     def release(self, task_id: str, worker_id: str) -> bool:
-        """Give a task back to the queue without counting the attempt (shutdown)."""
-        return self._update_leased(
+        """Give a task back to the queue without counting the attempt (shutdown); one
+        whose cancel was requested is cancelled instead, never queued again."""
+        released = self._update_leased(
             task_id,
             worker_id,
+            _NOT_CANCELLED,
             announce=True,
             status=_PENDING,
             progress=0,
@@ -349,6 +392,7 @@ class TaskQueue(StoreBase):
             lease_expires_at=None,
             attempts=tasks.c.attempts - 1,
         )
+        return released or self.cancel_running(task_id, worker_id)
 
     def expired_leases(self) -> dict[str, tuple[datetime, float | None]]:
         """The running tasks whose lease has expired by this clock: the expiry and
@@ -369,49 +413,36 @@ class TaskQueue(StoreBase):
         only: Mapping[str, datetime] | None = None,
         owner: str | None = None,
     ) -> int:
-        """Put tasks whose worker vanished back in the queue, or fail them once
-        they have used up their attempts. `all_leases` takes over every lease
+        """Put tasks whose worker vanished back in the queue, fail them once they
+        have used up their attempts, or cancel them when a cancel was requested
+        (settled and called back like any ending). `all_leases` takes over every lease
         (the embedded server at start-up: no other worker can exist); `only`
         limits it to these tasks, each if its lease still expires when it did
         (renewed meanwhile, it is not taken); `owner` takes every lease of a
         worker known to be dead, expired or not."""
+        if only is not None and not only:
+            return 0
         now = self.clock.now()
-        stale = tasks.c.status == _PROCESSING
-        if owner is not None:
-            stale = and_(stale, tasks.c.lease_owner == owner)
-        elif not all_leases:
-            stale = and_(stale, tasks.c.lease_expires_at < now)
-        if only is not None:
-            if not only:
-                return 0
-            stale = and_(
-                stale,
-                or_(
-                    *(
-                        and_(tasks.c.id == task_id, tasks.c.lease_expires_at == expiry)
-                        for task_id, expiry in only.items()
-                    )
-                ),
-            )
+        stale = _stale_leases(now, all_leases=all_leases, only=only, owner=owner)
+        ended_values = {"finished_at": now, "lease_owner": None, "lease_expires_at": None}
+        # A cancel requested before the worker vanished ends the task: it is neither
+        # queued again nor failed for its attempts, as its worker would have done.
+        cancelled = (
+            update(tasks)
+            .where(stale, _CANCEL_REQUESTED)
+            .values(status=TaskStatus.CANCELLED.value, **ended_values)
+        )
+        # A cancel requested while this runs leaves its task to the next reap (it is
+        # still leased, and expired), which cancels it.
+        stale = and_(stale, _NOT_CANCELLED)
         exhausted = (
             update(tasks)
             .where(stale, tasks.c.attempts >= max_attempts)
             .values(
                 status=TaskStatus.FAILED.value,
                 progress=0,
-                finished_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-                **error_values(
-                    TaskError(
-                        code=500,
-                        type="internal_server_error",
-                        message=(
-                            f"the worker running this task stopped {max_attempts} time(s) "
-                            "before it finished; the task was given up"
-                        ),
-                    )
-                ),
+                **ended_values,
+                **error_values(_given_up(max_attempts)),
             )
         )
         requeue = (
@@ -420,14 +451,18 @@ class TaskQueue(StoreBase):
             .values(status=_PENDING, progress=0, lease_owner=None, lease_expires_at=None)
         )
         with self._write() as conn:
-            failed = conn.execute(exhausted.returning(tasks.c.id, tasks.c.params)).all()
-            for row in sorted(failed, key=lambda row: row.id):
+            ended = [
+                *conn.execute(cancelled.returning(tasks.c.id, tasks.c.params)),
+                *conn.execute(exhausted.returning(tasks.c.id, tasks.c.params)),
+            ]
+            # Nothing was produced: the whole reservation goes back, then the callback.
+            for row in sorted(ended, key=lambda row: row.id):
                 ledger.settle(conn, row.id, 0, now)
                 outbox.enqueue(conn, row.id, row.params, now)
             requeued = conn.execute(requeue).rowcount
             if requeued:
                 notify.announce_task(conn)
-        return len(failed) + int(requeued)
+        return len(ended) + int(requeued)
 
     # -- the client's side ---------------------------------------------------
 
@@ -439,7 +474,14 @@ class TaskQueue(StoreBase):
             cancelled = conn.execute(
                 update(tasks)
                 .where(mine, tasks.c.status == _PENDING)
-                .values(status=TaskStatus.CANCELLED.value, finished_at=now, cancel_requested=True)
+                .values(
+                    status=TaskStatus.CANCELLED.value,
+                    finished_at=now,
+                    cancel_requested=True,
+                    # Never run, it has no results to sweep; one requeued after its
+                    # worker vanished may have some left (`abandoned_results`).
+                    results_purged=tasks.c.attempts == 0,
+                )
                 .returning(tasks.c.params)
             ).first()
             if cancelled is not None:
@@ -463,32 +505,36 @@ class TaskQueue(StoreBase):
 
     # -- results housekeeping ----------------------------------------------
 
-    def expired_results(self, limit: int = 500) -> list[str]:
-        """Completed tasks whose results have expired, not yet purged."""
-        query = (
-            select(tasks.c.id)
-            .where(
+    def expired_results(self, limit: int = 500, after: str | None = None) -> list[str]:
+        """Completed tasks whose results have expired, not yet purged, in the order of
+        their ids from `after` on (a sweep goes on past a task it could not purge)."""
+        return self._task_ids(
+            and_(
                 tasks.c.results_purged.is_(False),
                 tasks.c.results_expire_at <= self.clock.now(),
-            )
-            .limit(limit)
+            ),
+            limit,
+            after,
         )
-        with self._read() as conn:
-            return list(conn.scalars(query))
 
-    def abandoned_results(self, limit: int = 500) -> list[str]:
+    def abandoned_results(self, limit: int = 500, after: str | None = None) -> list[str]:
         """Tasks that ended without results after a worker had run them (failed or
         cancelled), not yet swept: an attempt killed while storing its images may
-        have left some."""
-        query = (
-            select(tasks.c.id)
-            .where(
+        have left some. In the order of their ids from `after` on."""
+        return self._task_ids(
+            and_(
                 tasks.c.results_purged.is_(False),
                 tasks.c.status.in_((TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)),
                 tasks.c.attempts > 0,
-            )
-            .limit(limit)
+            ),
+            limit,
+            after,
         )
+
+    def _task_ids(self, condition: ColumnElement[bool], limit: int, after: str | None) -> list[str]:
+        if after is not None:
+            condition = and_(condition, tasks.c.id > after)
+        query = select(tasks.c.id).where(condition).order_by(tasks.c.id).limit(limit)
         with self._read() as conn:
             return list(conn.scalars(query))
 
@@ -499,7 +545,12 @@ class TaskQueue(StoreBase):
             conn.execute(update(tasks).where(tasks.c.id.in_(task_ids)).values(results_purged=True))
 
     def _update_leased(
-        self, task_id: str, worker_id: str, *, announce: bool = False, **values: Any
+        self,
+        task_id: str,
+        worker_id: str,
+        *conditions: Any,
+        announce: bool = False,
+        **values: Any,
     ) -> bool:
         statement = (
             update(tasks)
@@ -507,6 +558,7 @@ class TaskQueue(StoreBase):
                 tasks.c.id == task_id,
                 tasks.c.status == _PROCESSING,
                 tasks.c.lease_owner == worker_id,
+                *conditions,
             )
             .values(**values)
         )
@@ -516,9 +568,11 @@ class TaskQueue(StoreBase):
                 notify.announce_task(conn)
             return changed
 
-    def _finish(self, task_id: str, worker_id: str, status: TaskStatus, **values: Any) -> bool:
+    def _finish(
+        self, task_id: str, worker_id: str, status: TaskStatus, *conditions: Any, **values: Any
+    ) -> bool:
         """Move a leased task to a terminal state and queue its callback, in one
-        transaction; False if the lease was lost."""
+        transaction; False if the lease was lost (or `conditions` do not hold)."""
         now = self.clock.now()
         statement = (
             update(tasks)
@@ -526,6 +580,7 @@ class TaskQueue(StoreBase):
                 tasks.c.id == task_id,
                 tasks.c.status == _PROCESSING,
                 tasks.c.lease_owner == worker_id,
+                *conditions,
             )
             .values(
                 status=status.value,

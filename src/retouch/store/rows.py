@@ -50,6 +50,7 @@ def task_from_row(row: Row[Any]) -> Task:
         error=error,
         result_keys=list(row.result_keys or []),
         results_expire_at=row.results_expire_at,
+        base_url=row.base_url,
     )
 
 

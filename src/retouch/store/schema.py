@@ -117,10 +117,16 @@ tasks = Table(
     Column("result_keys", JSON, nullable=True),
     Column("results_expire_at", UTCDateTime(), nullable=True),
     Column("results_purged", Boolean, nullable=False, default=False),
+    # The address the task was created through, for the links in its callback (they
+    # then match what a poll through that address shows); none with --public-url.
+    Column("base_url", String(2048), nullable=True),
     Index("ix_tasks_queue", "status", "priority_at"),
     Index("ix_tasks_key_created", "key_id", "created_at"),
     Index("ix_tasks_account_status", "account_id", "status"),
     Index("ix_tasks_results_expire", "results_purged", "results_expire_at"),
+    # A model's latest completed tasks (`recent_task_seconds`): read in index order,
+    # with no sort over every task that model ever completed.
+    Index("ix_tasks_model_finished", "model", "status", "finished_at"),
 )
 
 # The callback outbox: one row per delivery, written in the transaction that

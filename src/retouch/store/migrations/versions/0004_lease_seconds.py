@@ -21,5 +21,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("tasks") as batch:
-        batch.drop_column("lease_seconds")
+    # In place (SQLite has DROP COLUMN since 3.35): a batch copy of `tasks` would
+    # drop the table that callbacks and the ledger refer to.
+    op.drop_column("tasks", "lease_seconds")
