@@ -169,7 +169,14 @@ class WorkerSupervisor:
 
     def stop(self) -> None:
         self._stopping.set()
-        process = self._process
+        self._stop_process(self._process)
+        # A restart under way as the server stops stops what it started (`_restart`):
+        # wait a while for that, not for a whole model load (a daemon dies with us).
+        monitor = self._monitor
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(_STOP_GRACE_SECONDS)
+
+    def _stop_process(self, process: BaseProcess | None) -> None:
         if process is None or not process.is_alive():
             return
         process.terminate()  # SIGTERM: finish the running task, within the grace period
@@ -242,11 +249,15 @@ class WorkerSupervisor:
             delay = min(delay * 2, _MAX_RESTART_DELAY_SECONDS)
             try:
                 self._process = self._spawn()
-                return
             except StartupError as exc:
                 log.error("could not restart the worker (next try in %.0f s): %s", delay, exc)
+                continue
             except Exception:
                 log.exception("could not restart the worker (next try in %.0f s)", delay)
+                continue
+            if self._stopping.is_set():  # the server stopped while this one started
+                self._stop_process(self._process)
+            return
 
     def _take_back(self, worker_id: str) -> None:
         try:
