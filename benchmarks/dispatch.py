@@ -425,12 +425,13 @@ class WorkerPool:
 
 
 class ImageServer:
-    """One small PNG on a loopback port: the input every task fetches."""
+    """One PNG on a loopback port (by default a small one): the input every task fetches."""
 
-    def __init__(self) -> None:
-        buffer = io.BytesIO()
-        Image.new("RGB", (INPUT_SIDE, INPUT_SIDE), (200, 80, 40)).save(buffer, format="PNG")
-        body = buffer.getvalue()
+    def __init__(self, body: bytes | None = None) -> None:
+        if body is None:
+            buffer = io.BytesIO()
+            Image.new("RGB", (INPUT_SIDE, INPUT_SIDE), (200, 80, 40)).save(buffer, format="PNG")
+            body = buffer.getvalue()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:

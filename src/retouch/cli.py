@@ -53,7 +53,10 @@ def _option(name: str, field: FieldInfo) -> Callable[[F], F]:
     if typing.get_origin(annotation) is Literal:
         click_type = click.Choice([str(arg) for arg in typing.get_args(annotation)])
     elif annotation is Path:
-        click_type = click.Path(path_type=Path, file_okay=False)
+        # `*_dir` settings name directories, `*_file` ones files.
+        click_type = click.Path(
+            path_type=Path, file_okay=not name.endswith("_dir"), dir_okay=not name.endswith("_file")
+        )
     else:
         click_type = annotation
     return click.option(flag, name, type=click_type, default=None, help=help_text)

@@ -1,8 +1,10 @@
 """The worker: claim a task, fetch its inputs, run the engine, store results, finalize.
 
-Two stages keep the GPU busy: a prefetch thread claims the next task and
+Three stages keep the GPU busy: a prefetch thread claims the next task and
 fetches and decodes its inputs while the engine is still running the current
-one. At most one task waits ahead of the engine.
+one, and a finishing thread encodes, stores and completes the task before it
+while the engine runs the next. At most one task waits ahead of the engine and
+one behind it.
 
 A worker holds a lease on each task it has claimed and renews it while it
 works; every write it makes is conditional on still holding that lease, so a
@@ -13,13 +15,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import queue
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -45,6 +48,8 @@ _JITTER = secrets.SystemRandom()
 # Retrying a finalizing write while the database is unreachable: doubling waits.
 _FINALIZE_FIRST_DELAY = 0.25
 _FINALIZE_MAX_DELAY = 5.0
+# Threads encoding result PNGs (n is at most 6).
+ENCODER_THREADS = max(1, min(6, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,10 @@ class Worker:
         self.busy = threading.Event()
         self._ready: queue.Queue[_Prepared | None] = queue.Queue()
         self._slot = threading.Semaphore(1)
+        # The finishing stage (one thread) and the PNG encoders; threads start on use.
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
+        self._finishing: Future[None] | None = None
+        self.encoders = ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="encode")
 
     def drain(self, grace_seconds: float) -> None:
         """Stop claiming; let the running task finish for up to `grace_seconds`, then
@@ -115,25 +124,58 @@ class Worker:
             self.wakeups.start()
         prefetcher = threading.Thread(target=self._prefetch_loop, name="prefetch", daemon=True)
         prefetcher.start()
-        while (prepared := self._ready.get()) is not None:
-            self._slot.release()
-            with prepared.lease:
+        try:
+            while (prepared := self._ready.get()) is not None:
+                self._slot.release()
                 if self.draining.is_set() or self.stopping.is_set():
                     # Claimed ahead but not started: someone else may run it now.
-                    self._hand_back(prepared.task.id)
+                    with prepared.lease:
+                        self._hand_back(prepared.task.id)
                     continue
-                self.busy.set()
-                try:
-                    with context(task_id=prepared.task.id, worker_id=self.worker_id):
-                        _TaskRun(self, prepared).execute()
-                except Exception:
-                    # Finalizing failed (store unreachable): the lease will expire and
-                    # the task will be retried; the worker itself carries on.
-                    log.exception("task %s: could not be finalized", prepared.task.id)
-                finally:
-                    self.busy.clear()
+                self._run_task(prepared)
+        finally:
+            self._await_finishing()
+            self._finisher.shutdown()
+            self.encoders.shutdown()
         prefetcher.join()
         log.info("worker %s stopped", self.worker_id)
+
+    def _run_task(self, prepared: _Prepared) -> None:
+        """Stage 2: run the engine, then hand the results to the finishing stage (once
+        the task before has finished there), or end the task here."""
+        run = _TaskRun(self, prepared)
+        outputs: list[Image.Image] | None = None
+        self.busy.set()
+        try:
+            with context(task_id=prepared.task.id, worker_id=self.worker_id):
+                outputs = run.execute()
+        except Exception:
+            # Finalizing failed (store unreachable): the lease will expire and the task
+            # will be retried; the worker itself carries on.
+            log.exception("task %s: could not be finalized", prepared.task.id)
+        finally:
+            self.busy.clear()
+            if outputs is None:
+                prepared.lease.stop()
+        if outputs is None:
+            return
+        self._await_finishing()
+        self._finishing = self._finisher.submit(self._finish_task, run, outputs)
+
+    def _finish_task(self, run: _TaskRun, outputs: list[Image.Image]) -> None:
+        """Stage 3: encode and store the results and complete the task."""
+        try:
+            with context(task_id=run.task.id, worker_id=self.worker_id):
+                run.finish(outputs)
+        except Exception:
+            log.exception("task %s: could not be finalized", run.task.id)
+        finally:
+            run.lease.stop()
+
+    def _await_finishing(self) -> None:
+        if self._finishing is not None:
+            self._finishing.result()
+            self._finishing = None
 
     def _hand_back(self, task_id: str) -> None:
         try:
@@ -356,6 +398,7 @@ class _TaskRun:
         self.task = prepared.task
         self.model = prepared.model
         self.images = prepared.images
+        self.lease = prepared.lease
         self.store = worker.store
         self._reported = self.task.progress
         self._last_step = time.perf_counter()
@@ -367,7 +410,9 @@ class _TaskRun:
         )
         self.run = new_run()
 
-    def execute(self) -> None:
+    def execute(self) -> list[Image.Image] | None:
+        """The edited images, or None once the task has been ended here (failed,
+        cancelled or handed back)."""
         try:
             if self.should_stop():
                 raise Interrupted
@@ -375,12 +420,19 @@ class _TaskRun:
             self._last_step = started
             outputs = self.model.engine.run(self._job(), self.on_step, self.should_stop)
             STAGE_SECONDS.labels("gpu").observe(time.perf_counter() - started)
-            self._finish(outputs)
+            return outputs
         except Interrupted:
             self._interrupted()
         except Exception as exc:
             log.exception("task %s: the engine failed", self.task.id)
             self._fail(engine_error(exc))
+        return None
+
+    def finish(self, outputs: list[Image.Image]) -> None:
+        try:
+            self._finish(outputs)
+        except Interrupted:
+            self._interrupted()
 
     def _fail(self, error: TaskError) -> None:
         if self.worker.fail(self.task.id, error):
@@ -467,13 +519,23 @@ class _TaskRun:
     def _store_results(self, outputs: list[Image.Image], keys: list[str]) -> None:
         """Encode and store the results, adding each key to `keys`; `Interrupted` once
         the task is cancelled (or its lease lost) before all are stored. A worker
-        told to stop still stores and completes an edit it has finished."""
+        told to stop still stores and completes an edit it has finished. The images
+        are encoded in parallel (zlib runs outside the GIL), each stored as soon as
+        it and those before it are encoded."""
+        encoders = self.worker.encoders
         with STAGE_SECONDS.labels("upload").time():
-            for index, image in enumerate(outputs):
-                if self._cancelled_or_lost():
-                    raise Interrupted
-                data = encode_png(image)
-                keys.append(self.worker.storage.put(self.task.id, index, data, self.run))
+            if self._cancelled_or_lost():
+                raise Interrupted
+            encoded = [encoders.submit(encode_png, image) for image in outputs]
+            try:
+                for index, future in enumerate(encoded):
+                    data = future.result()
+                    if index and self._cancelled_or_lost():
+                        raise Interrupted
+                    keys.append(self.worker.storage.put(self.task.id, index, data, self.run))
+            finally:
+                for future in encoded:
+                    future.cancel()
 
     def _not_completed(self, keys: list[str]) -> None:
         """Completing did not take: a cancel came in as the results were stored, or

@@ -37,17 +37,15 @@ class WorkerStartupError(Exception):
 
 def build_worker(settings: Settings, store: Store, worker_id: str | None = None) -> Worker:
     """Load the models (the slow part) and assemble a worker around them."""
-    from retouch.engine.loader import engine_options, load_engine
+    from retouch.engine.loader import engine_options, load_engines
     from retouch.fetch import ImageFetcher
 
     try:
-        options = engine_options(settings)
-        models = {
-            spec.name: LoadedModel(spec, load_engine(spec, options))
-            for spec in settings.model_specs()
-        }
+        specs = settings.model_specs()
+        engines = load_engines(specs, engine_options(settings))
     except (ModelLoadError, ModelsFileError) as exc:
         raise WorkerStartupError(str(exc)) from None
+    models = {spec.name: LoadedModel(spec, engines[spec.name]) for spec in specs}
     clock = SystemClock()
     wakeups = Wakeups.for_engine(store.engine)
     storage = result_storage(settings, clock)

@@ -146,3 +146,30 @@ def test_a_wrong_key_is_refused(server: ServeProcess) -> None:
         response = http.get("/v1/tasks/task-unified-1-aaaaaaaa")
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_serve_takes_its_models_from_a_models_file_flag(tmp_path: Path) -> None:
+    """`--models-file FILE` (a file, where `--data-dir` takes a directory)."""
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[models.qwen-image-edit]\ncheckpoint = "fixture"\n\n'
+        '[models.qwen-image-edit-hd]\ncheckpoint = "fixture"\nprice = 2.5\n'
+    )
+    data_dir = tmp_path / "data"
+    secret = retouch_cli("keys", "create", "--name", "a", "--data-dir", str(data_dir)).stdout
+    process = ServeProcess(data_dir, "--models-file", str(models)).start()
+    try:
+        with client(process, secret.strip()) as http:
+            listed = http.get("/v1/models")
+        assert listed.status_code == 200, listed.text
+        prices = {model["id"]: model["price_per_image"] for model in listed.json()["data"]}
+        assert prices == {"qwen-image-edit": 1.0, "qwen-image-edit-hd": 2.5}
+    finally:
+        process.stop()
+
+    refused = retouch_cli(
+        "serve", "--models-file", str(tmp_path), "--data-dir", str(data_dir), check=False
+    )
+    assert refused.returncode == 2 and "is a directory" in refused.stderr
+    refused = retouch_cli("serve", "--data-dir", str(models), check=False)
+    assert refused.returncode == 2 and "is a file" in refused.stderr

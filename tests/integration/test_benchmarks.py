@@ -124,6 +124,28 @@ def test_api_overhead_prints_ratios_against_the_baseline() -> None:
     assert "retouch / baseline" in result.stdout
 
 
+def test_worker_stages_compares_the_two_arrangements() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "worker_stages.py"), "--tasks", "2",
+         "--gpu-seconds", "0.05", "--n", "1,2", "--side", "512", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(row["arrangement"], row["n"]) for row in rows] == [
+        ("in-line", 1), ("staged", 1), ("in-line", 2), ("staged", 2)
+    ]  # fmt: skip
+    for row in rows:
+        assert row["tasks"] == 2 and row["seconds"] > 0
+        # Two edits of 0.05 s each: the engine ran 0.1 s of the wall time.
+        assert 0 < row["engine_busy"] <= 1 and row["tasks_per_s"] == pytest.approx(
+            2 / row["seconds"], rel=0.01
+        )
+
+
 def _quick_load(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
     """Run `benchmarks/load.py --quick` with ARGS; its stdout and its JSON figures."""
     figures = tmp_path / "load.json"

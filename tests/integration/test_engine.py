@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import threading
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +17,14 @@ import pytest
 from PIL import Image
 
 from retouch.engine import demo
-from retouch.engine.base import EditJob, EngineOptions, Interrupted
+from retouch.engine.base import EditJob, Engine, EngineOptions, Interrupted
 from retouch.engine.diffusers_engine import (
     DiffusersEngine,
     fit_output_size,
     output_size,
     pipeline_default_size,
 )
+from retouch.engine.loader import load_engine, load_engines
 from retouch.errors import InvalidInputError, ModelLoadError
 from retouch.images import encode_png
 from retouch.models import LoraSpec, ModelSpec
@@ -212,6 +215,33 @@ def test_same_seed_same_image(engine: DiffusersEngine) -> None:
     assert encode_png(first[0]) == encode_png(second[0])
 
 
+def test_n_results_are_denoised_together_and_decoded_one_at_a_time(
+    engine: DiffusersEngine,
+) -> None:
+    """The VAE decoder, the largest activations of an edit, never sees more than one
+    image, so its memory does not grow with n."""
+    seen: list[tuple[str, int]] = []
+    hooks = [
+        engine.pipe.vae.decoder.register_forward_pre_hook(
+            lambda _module, args: seen.append(("vae decoder", args[0].shape[0]))
+        ),
+        engine.pipe.transformer.register_forward_pre_hook(
+            lambda _module, _args, kwargs: seen.append(
+                ("transformer", kwargs["hidden_states"].shape[0])
+            ),
+            with_kwargs=True,
+        ),
+    ]
+    try:
+        results = engine.run(replace(job(steps=1), n=3), lambda *_: None, lambda: False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(results) == 3 and len({encode_png(image) for image in results}) == 3
+    assert [batch for part, batch in seen if part == "vae decoder"] == [1, 1, 1]
+    assert {batch for part, batch in seen if part == "transformer"} == {3}
+
+
 def test_missing_checkpoint_is_one_clear_sentence(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError) as info:
         DiffusersEngine(spec(tmp_path / "nowhere"))
@@ -345,7 +375,7 @@ def test_a_broken_lora_stops_loading_with_one_sentence(demo_dir: Path, tmp_path:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor: complex ops fall back to eager
 def test_compile_warms_up_at_start_and_matches_eager(
-    demo_dir: Path, engine: DiffusersEngine, monkeypatch: pytest.MonkeyPatch
+    demo_dir: Path, engine: DiffusersEngine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import numpy as np
     from diffusers import QwenImageTransformer2DModel
@@ -374,6 +404,69 @@ def test_compile_warms_up_at_start_and_matches_eager(
     # A shape the warm-up did not run compiled nothing on the request.
     assert seen[-1] not in warmed_up
     assert counters["stats"]["unique_graphs"] == graphs
+    # A LoRA variant's transformer beside it runs the same compiled code.
+    lora = LoraSpec(source=str(write_tiny_lora(demo_dir, tmp_path / "lora")))
+    DiffusersEngine(
+        spec(demo_dir, lora=lora), EngineOptions(compile=True), components_of=compiled.pipe
+    )
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_entries_with_the_same_weights_share_one_pipeline(demo_dir: Path) -> None:
+    """The same checkpoint (written two ways) at other defaults and limits: one
+    pipeline, and each engine sizes its outputs by its own entry."""
+    large = spec(demo_dir, max_output_side=768)
+    small = replace(spec(demo_dir), name="small", checkpoint=f"{demo_dir}/", steps=4)
+    small = replace(small, max_output_side=512, price=2.0)
+    engines = load_engines([large, small], EngineOptions())
+    one, other = engines[large.name], engines[small.name]
+    assert isinstance(one, DiffusersEngine) and isinstance(other, DiffusersEngine)
+    assert one.pipe is other.pipe
+    assert (one.spec, other.spec) == (large, small)
+    wide = EditJob(
+        images=[Image.new("RGB", (1600, 900), (30, 120, 200))],
+        prompt=PROMPT,
+        seed=1,
+        steps=1,
+        true_cfg_scale=1.0,
+    )
+    sizes = [engine.run(wide, lambda *_: None, lambda: False)[0].size for engine in (one, other)]
+    assert sizes == [(768, 512), (512, 512)]
+
+
+def test_a_lora_variant_shares_all_but_its_transformer_and_changes_no_result(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    lora = LoraSpec(source=str(write_tiny_lora(demo_dir, tmp_path / "lora")), steps=3)
+    plain = spec(demo_dir)
+    fast = replace(spec(demo_dir, lora=lora), name="fast")
+    engines = load_engines([plain, fast], EngineOptions())
+    one, other = engines[plain.name], engines[fast.name]
+    assert isinstance(one, DiffusersEngine) and isinstance(other, DiffusersEngine)
+    for component in ["text_encoder", "vae", "tokenizer", "processor"]:
+        assert getattr(one.pipe, component) is getattr(other.pipe, component), component
+    assert one.pipe.transformer is not other.pipe.transformer
+    assert one.pipe.scheduler is not other.pipe.scheduler
+
+    def png(engine: Engine) -> bytes:
+        [result] = engine.run(job(steps=1), lambda *_: None, lambda: False)
+        return encode_png(result)
+
+    results = {entry.name: png(engines[entry.name]) for entry in (plain, fast)}
+    assert results[plain.name] != results[fast.name]
+    # Each as it would be on a worker of its own: byte for byte.
+    for entry in (plain, fast):
+        assert png(load_engine(entry, EngineOptions())) == results[entry.name]
+
+
+def test_another_checkpoint_shares_nothing(demo_dir: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(demo_dir, tmp_path / "copy")
+    engines = load_engines([spec(demo_dir), replace(spec(copy), name="copy")], EngineOptions())
+    one, other = engines["qwen-image-edit"], engines["copy"]
+    assert isinstance(one, DiffusersEngine) and isinstance(other, DiffusersEngine)
+    assert one.pipe is not other.pipe
+    theirs = list(other.pipe.components.values())
+    assert not any(mine is their for mine in one.pipe.components.values() for their in theirs)
 
 
 def write_tiny_lora(demo_dir: Path, target: Path, seed: int = 0) -> Path:

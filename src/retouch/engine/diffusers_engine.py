@@ -46,6 +46,9 @@ WARMUP_SHAPES: tuple[tuple[int, int, int, int], ...] = (
 )
 WARMUP_PROMPTS = ("warm-up", "warm up the compiled transformer for other shapes", "warm-up n")
 FP8_MIN_CAPABILITY = (8, 9)
+# What two pipelines of one checkpoint and family can hold in common whatever their
+# LoRA: everything but the transformer (the LoRA is fused into it) and the scheduler.
+SHARED_COMPONENTS = ("text_encoder", "vae", "tokenizer", "processor")
 
 
 class _Stop(Exception):
@@ -53,7 +56,24 @@ class _Stop(Exception):
 
 
 class DiffusersEngine:
-    def __init__(self, spec: ModelSpec, options: EngineOptions | None = None) -> None:
+    """One model entry on a pipeline: its own, or one shared with other entries.
+
+    `pipe`: a pipeline already built for the same weights (checkpoint, family and
+    LoRA), used as it is. `components_of`: a pipeline of the same checkpoint and
+    family whose text encoder, VAE, tokenizer and processor the new pipeline uses
+    instead of loading its own (only with `--offload none`: model offload chains
+    its hooks per pipeline, and a component shared by two would carry the hooks of
+    one of them only). `retouch.engine.loader.load_engines` decides what is shared.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        options: EngineOptions | None = None,
+        *,
+        pipe: Any | None = None,
+        components_of: Any | None = None,
+    ) -> None:
         self.spec = spec
         self.options = options or EngineOptions()
         self.checkpoint = resolve_checkpoint(spec.checkpoint, self.options.models_dir)
@@ -62,26 +82,42 @@ class DiffusersEngine:
         # (quantizing, placing, compiling) is turned into one ModelLoadError too.
         self.device, self.dtype = _placement(self.options)
         check_options(self.options, self.device)
-        self.pipe = self._load()
-        if spec.lora:
+        if components_of is not None and self.options.offload != "none":
+            raise ValueError("pipelines share components only with --offload none")
+        if pipe is not None:
+            self.pipe = pipe
+        else:
+            self._build(components_of)
+
+    # -- loading --------------------------------------------------------------
+
+    def _build(self, components_of: Any | None) -> None:
+        self.pipe = self._load(components_of)
+        if self.spec.lora:
             self._fuse_lora()
         if self.options.quantize == "fp8":
-            self._quantize_fp8()
+            # A borrowed text encoder was quantized (or not) by its pipeline.
+            self._quantize_fp8(self.options.quantize_text_encoder and components_of is None)
         self._place()
         if self.options.compile:
             self._compile_and_warm_up()
 
-    # -- loading --------------------------------------------------------------
-
-    def _load(self) -> Any:
+    def _load(self, components_of: Any | None) -> Any:
         import diffusers
         import transformers
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         pipeline_class = getattr(diffusers, PIPELINE_CLASSES[self.spec.family])
+        # Each pipeline loads its own transformer (a LoRA is fused into it) and
+        # scheduler (it keeps the state of a run).
+        borrowed = (
+            {}
+            if components_of is None
+            else {name: getattr(components_of, name) for name in SHARED_COMPONENTS}
+        )
         try:
-            pipe = pipeline_class.from_pretrained(self.checkpoint, dtype=self.dtype)
+            pipe = pipeline_class.from_pretrained(self.checkpoint, dtype=self.dtype, **borrowed)
         except Exception as exc:
             raise ModelLoadError(
                 f"Could not load {PIPELINE_CLASSES[self.spec.family]} from {self.checkpoint!r} "
@@ -90,6 +126,14 @@ class DiffusersEngine:
                 "(or `demo` for the tiny built-in model)."
             ) from exc
         pipe.set_progress_bar_config(disable=True)
+        # Inference only. Dynamo guards on requires_grad, which peft turns off in a
+        # transformer it fuses a LoRA into: frozen alike, the transformers of one
+        # worker run the same compiled code (no recompiles per transformer).
+        pipe.transformer.requires_grad_(False)
+        # The VAE decodes the n results of a request one at a time: its activations
+        # at full resolution are the largest of an edit (GBs per image at 2048x2048),
+        # and the GPU is saturated with one image anyway.
+        pipe.vae.enable_slicing()
         log.info("loaded %s from %s", PIPELINE_CLASSES[self.spec.family], self.checkpoint)
         return pipe
 
@@ -118,7 +162,7 @@ class DiffusersEngine:
             ) from exc
         log.info("fused LoRA %s (scale %s)", lora.source, lora.weight)
 
-    def _quantize_fp8(self) -> None:
+    def _quantize_fp8(self, text_encoder: bool) -> None:
         try:
             from torchao.quantization import (
                 Float8DynamicActivationFloat8WeightConfig,
@@ -137,7 +181,7 @@ class DiffusersEngine:
         # the whole bf16 model). With offload the weights live on the CPU, and the GPU
         # may be too small for them unquantized: quantize them there.
         device = self.device if self.options.offload == "none" else None
-        parts = ["transformer"] + (["text_encoder"] if self.options.quantize_text_encoder else [])
+        parts = ["transformer"] + (["text_encoder"] if text_encoder else [])
         for part in parts:
             try:
                 quantize_(getattr(self.pipe, part), config, device=device)
