@@ -165,22 +165,23 @@ class Janitor:
         # Each apart: one failing (the result storage away, say) holds up no other,
         # and the lease check needs only the database.
         sweeps = [
-            (sweep, RepeatedFailure(log, f"the janitor's sweep of {what}"))
-            for sweep, what in (
-                (self.purge_expired_results, "expired results"),
-                (self.purge_abandoned_results, "what failed or cancelled tasks left"),
-                (self.forget_idempotency_keys, "expired idempotency keys"),
-                (self.purge_uploads, "expired uploads"),
+            (sweep, RepeatedFailure(log, f"the janitor's sweep of {what}"), uses_database)
+            for sweep, what, uses_database in (
+                (self.purge_expired_results, "expired results", True),
+                (self.purge_abandoned_results, "what failed or cancelled tasks left", True),
+                (self.forget_idempotency_keys, "expired idempotency keys", True),
+                (self.purge_uploads, "expired uploads", False),  # the storage alone
             )
         ]
         lease_failures = RepeatedFailure(log, "the janitor's check of leases")
-        # The database away fails every job at once: that is told once, not per job.
+        # The database away fails every job at once: that is told once, not per job,
+        # and only a job that reached the database says that it works again.
         database = RepeatedFailure(log, "the janitor (the database is unreachable)")
         while True:
             if since_purge >= self.interval_seconds:
                 since_purge = 0.0
-                for sweep, failures in sweeps:
-                    _attempt(sweep, failures, database)
+                for sweep, failures, uses_database in sweeps:
+                    _attempt(sweep, failures, database if uses_database else None)
             _attempt(self.reap_leases, lease_failures, database)
             if self._stop.wait(tick):
                 return
@@ -188,12 +189,14 @@ class Janitor:
 
 
 def _attempt(
-    work: Callable[[], object], failures: RepeatedFailure, database: RepeatedFailure
+    work: Callable[[], object], failures: RepeatedFailure, database: RepeatedFailure | None
 ) -> None:
+    """Run one job; `database`: the database's reporter, for a job that uses it."""
     try:
         work()
     except Exception as exc:
-        (database if database_unavailable(exc) else failures).failed(exc)
+        (database if database and database_unavailable(exc) else failures).failed(exc)
         return
     failures.succeeded()
-    database.succeeded()
+    if database is not None:
+        database.succeeded()

@@ -21,6 +21,7 @@ from sqlalchemy import event
 from retouch.accounts import GroupLimits, Limits
 from retouch.engine.base import EditJob, StepCallback, StopCheck
 from retouch.engine.fixture import FixtureEngine
+from retouch.store import base as store_base
 from retouch.tasks import Task, TaskStatus
 from tests.integration.conftest import Api
 from tests.integration.test_api import (
@@ -402,6 +403,35 @@ def test_concurrency_limit_counts_unfinished_tasks(api: Api) -> None:
     assert post(api, edit([URL])).status_code == 200
     assert usage(api)["tasks"] == task_counts(pending=2, cancelled=1)
     assert_error(post(api, edit([URL])), 429, "rate_limit_error")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_sqlite_write_held_past_the_busy_timeout_is_a_503_and_the_next_one_goes_through(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process's SQLite writers take turns on a lock of its own; one that cannot get
+    it within the busy timeout is a database that cannot answer now (503, nothing
+    created or charged), as SQLite's own "database is locked" is."""
+    monkeypatch.setattr(store_base, "SQLITE_BUSY_SECONDS", 0.3)
+    before = (usage(api), entries(api))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        with api.store._write():
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    try:
+        assert holding.wait(5)
+        refused = post(api, edit([URL]))
+        assert_error(refused, 503, "service_unavailable_error")
+        assert (usage(api), entries(api)) == before
+    finally:
+        release.set()
+        holder.join(5)
+    assert post(api, edit([URL])).status_code == 200
 
 
 def test_a_full_queue_is_503_and_creates_nothing(api: Api) -> None:

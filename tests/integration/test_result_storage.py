@@ -540,6 +540,28 @@ def test_with_the_object_store_unreachable_the_janitor_still_takes_back_leases(
     assert not any("works again" in message for message in messages), messages
 
 
+def test_with_the_database_unreachable_the_janitor_says_so_once(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every job that needs the database fails while it is away, sweep after sweep:
+    that is told once. The sweep of uploads (the storage alone) goes on working,
+    which says nothing about the database."""
+    store = Store.from_url(f"postgresql+psycopg://retouch@127.0.0.1:{free_port()}/none", clock)
+    storage = LocalResultStorage(tmp_path / "results", b"k" * 32, clock)
+    janitor = Janitor(store, storage, max_attempts=2, interval_seconds=0.05, upload_ttl_seconds=60)
+    janitor.start()
+    try:
+        time.sleep(1.0)  # about twenty sweeps and lease checks
+    finally:
+        janitor.stop()
+        store.close()
+    messages = [record.getMessage() for record in caplog.records]
+    unreachable = [m for m in messages if m.startswith("the janitor (the database is")]
+    assert unreachable == ["the janitor (the database is unreachable) failed; retrying"]
+    assert not any("works again" in message for message in messages), messages
+    assert not any("sweep of expired uploads" in message for message in messages), messages
+
+
 def test_s3_storage_serves_no_files_itself() -> None:
     storage = S3ResultStorage("results", "", FakeClock(), endpoint_url="http://127.0.0.1:9")
     with pytest.raises(NotFoundError, match="S3"):

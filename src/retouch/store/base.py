@@ -27,6 +27,9 @@ from retouch.clock import Clock, SystemClock
 # On PostgreSQL it sizes the pool's overflow; on SQLite it is no limit (see below).
 QUERY_THREADS = 48
 DEFAULT_POOL_SIZE = 10
+# How long a SQLite write waits for the write lock before the database counts as
+# unavailable (the API answers 503, the worker retries).
+SQLITE_BUSY_SECONDS = 30
 
 
 def create_db_engine(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
@@ -48,7 +51,7 @@ def create_db_engine(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
     # SQLite connections cost nothing to keep, so those of the usual threads stay.
     engine = create_engine(
         url,
-        connect_args={"check_same_thread": False, "timeout": 30},
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_SECONDS},
         pool_size=2 * QUERY_THREADS,
         max_overflow=-1,
     )
@@ -60,7 +63,7 @@ def create_db_engine(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
         for pragma in (
             "journal_mode=WAL",
             "synchronous=NORMAL",
-            "busy_timeout=30000",
+            f"busy_timeout={SQLITE_BUSY_SECONDS * 1000}",
             "foreign_keys=ON",
         ):
             cursor.execute(f"PRAGMA {pragma}")
@@ -97,6 +100,15 @@ class PoolExhausted(OperationalError):
         super().__init__(None, None, cause)
 
 
+class WriterBusy(OperationalError):
+    """Another thread of this process held SQLite's write lock past the busy timeout:
+    the same answer as SQLite's own "database is locked"."""
+
+    def __init__(self) -> None:
+        cause = f"database is locked (by this process for {SQLITE_BUSY_SECONDS} s)"
+        super().__init__(None, None, Exception(cause))
+
+
 class StoreBase:
     def __init__(self, engine: Engine, clock: Clock | None = None) -> None:
         self.engine = engine
@@ -108,6 +120,7 @@ class StoreBase:
         # Each connection with its thread (weakly): closed once that thread has ended.
         self._connections: list[tuple[weakref.ref[threading.Thread], Connection]] = []
         self._lock = threading.Lock()
+        self._writer = threading.RLock()  # re-entered, `begin` refuses at once
 
     @property
     def reads_never_wait(self) -> bool:
@@ -135,8 +148,16 @@ class StoreBase:
                 yield pooled
             return
         conn = self._thread_connection("writer")
-        with conn.begin():  # BEGIN IMMEDIATE; COMMIT, or ROLLBACK on an exception
-            yield conn
+        # This process's writers queue on a lock: each is woken as the one before
+        # commits. SQLite's busy handler instead polls, sleeping up to 100 ms a
+        # time, so under load some writes waited half a second behind a 2 ms one.
+        if not self._writer.acquire(timeout=SQLITE_BUSY_SECONDS):
+            raise WriterBusy
+        try:
+            with conn.begin():  # BEGIN IMMEDIATE; COMMIT, or ROLLBACK on an exception
+                yield conn
+        finally:
+            self._writer.release()
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
