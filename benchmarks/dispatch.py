@@ -469,20 +469,26 @@ class Creator:
     def create(self) -> str:
         key = self.keys[self._next % len(self.keys)]
         self._next += 1
-        now = self.store.clock.now()
-        task = Task(
-            id=new_task_id(int(now.timestamp())),
-            key_id=key.id,
-            account_id=key.account_id,
-            model=MODEL,
-            status=TaskStatus.PENDING,
-            progress=0,
-            params=EditParams(prompt="invert it", image_urls=[self.image_url], seed=7),
-            created_at=now,
-            user_group=key.user_group,
-            credits_reserved=SPEC.price,
-        )
-        return self.store.create_task(task)[0].id
+        params = EditParams(prompt="invert it", image_urls=[self.image_url], seed=7)
+        return create_task(self.store, key, params, SPEC.price)
+
+
+def create_task(store: Store, key: ApiKey, params: EditParams, credits: float) -> str:
+    """A pending task of `key` for the benchmark's model, created as the API would."""
+    now = store.clock.now()
+    task = Task(
+        id=new_task_id(int(now.timestamp())),
+        key_id=key.id,
+        account_id=key.account_id,
+        model=MODEL,
+        status=TaskStatus.PENDING,
+        progress=0,
+        params=params,
+        created_at=now,
+        user_group=key.user_group,
+        credits_reserved=credits,
+    )
+    return store.create_task(task)[0].id
 
 
 def percentile(values: Sequence[float], q: float) -> float:

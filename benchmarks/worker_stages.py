@@ -38,7 +38,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dispatch import ImageServer
+from dispatch import MODEL, ImageServer, create_task
 from retouch.clock import SystemClock
 from retouch.engine.base import EditJob, StepCallback, StopCheck
 from retouch.engine.fixture import FixtureEngine
@@ -46,11 +46,9 @@ from retouch.fetch import ImageFetcher
 from retouch.models import ModelSpec
 from retouch.storage import LocalResultStorage
 from retouch.store import Store, migrate
-from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
+from retouch.tasks import EditParams, TaskStatus
 from retouch.worker import ENCODER_THREADS, LoadedModel, Worker, WorkerConfig, _Prepared
 
-HOST = "127.0.0.1"
-MODEL = "qwen-image-edit"
 STEPS = 4
 SPEC = ModelSpec(name=MODEL, checkpoint="fixture", steps=STEPS, negative_prompt=None)
 TIMEOUT_SECONDS = 600.0
@@ -106,22 +104,8 @@ def measure(
     store = Store.from_url(f"sqlite:///{root / 'retouch.db'}", clock)
     migrate(store.engine)
     key = store.create_key("bench", credits=1e9)[0]
-    ids = []
-    for _ in range(tasks):
-        now = clock.now()
-        task = Task(
-            id=new_task_id(int(now.timestamp())),
-            key_id=key.id,
-            account_id=key.account_id,
-            model=MODEL,
-            status=TaskStatus.PENDING,
-            progress=0,
-            params=EditParams(prompt="invert it", image_urls=[url], n=n, seed=7),
-            created_at=now,
-            user_group=key.user_group,
-            credits_reserved=float(n),
-        )
-        ids.append(store.create_task(task)[0].id)
+    params = EditParams(prompt="invert it", image_urls=[url], n=n, seed=7)
+    ids = [create_task(store, key, params, float(n)) for _ in range(tasks)]
     engine = TimedEngine(gpu_seconds)
     worker = arrangement(
         store,

@@ -18,30 +18,25 @@ from tests.support import REPO, retouch_cli
 POSTGRES_URL = os.environ.get("RETOUCH_TEST_DATABASE_URL")
 
 
-def test_gpu_random_weights_runs_with_a_tiny_config(tmp_path: Path) -> None:
-    out = tmp_path / "figures.jsonl"
+def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
+    """Run `benchmarks/SCRIPT` with ARGS; its stdout, once it has exited with 0."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "gpu_random_weights.py"),
-            "--tiny",
-            "--device",
-            "cpu",
-            "--size",
-            "128",
-            "--iterations",
-            "1",
-            "--variants",
-            "eager,refs3,vae",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_gpu_random_weights_runs_with_a_tiny_config(tmp_path: Path) -> None:
+    out = tmp_path / "figures.jsonl"
+    run_benchmark(
+        "gpu_random_weights.py", "--tiny", "--device", "cpu", "--size", "128",
+        "--iterations", "1", "--variants", "eager,refs3,vae", "--out", str(out),
+    )  # fmt: skip
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     by_variant = {line["variant"]: line for line in lines}
     assert set(by_variant) == {"eager", "refs3", "vae", "shapes"}
@@ -59,16 +54,10 @@ def test_gpu_random_weights_runs_with_a_tiny_config(tmp_path: Path) -> None:
 
 def test_gpu_random_weights_can_turn_zero_cond_t_off(tmp_path: Path) -> None:
     out = tmp_path / "figures.jsonl"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_random_weights.py"), "--tiny",
-         "--device", "cpu", "--size", "64", "--iterations", "1", "--variants", "eager",
-         "--no-zero-cond-t", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    run_benchmark(
+        "gpu_random_weights.py", "--tiny", "--device", "cpu", "--size", "64",
+        "--iterations", "1", "--variants", "eager", "--no-zero-cond-t", "--out", str(out),
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
     eager = json.loads(out.read_text().splitlines()[0])
     assert eager["variant"] == "eager" and eager["zero_cond_t"] is False
     assert eager["s_per_forward"] > 0
@@ -106,35 +95,23 @@ def test_retouch_bench_times_every_stage(tmp_path: Path) -> None:
 
 
 def test_api_overhead_prints_ratios_against_the_baseline() -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "api_overhead.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    stdout = run_benchmark("api_overhead.py", "--quick")
     for scenario in [
         "baseline GET /ping",
         "retouch GET /v1/tasks/{id}",
         "baseline POST /create",
         "retouch POST /v1/images/generations",
     ]:
-        assert scenario in result.stdout
-    assert "retouch / baseline" in result.stdout
+        assert scenario in stdout
+    assert "retouch / baseline" in stdout
 
 
 def test_worker_stages_compares_the_two_arrangements() -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "worker_stages.py"), "--tasks", "2",
-         "--gpu-seconds", "0.05", "--n", "1,2", "--side", "512", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    stdout = run_benchmark(
+        "worker_stages.py", "--tasks", "2", "--gpu-seconds", "0.05", "--n", "1,2",
+        "--side", "512", "--json", timeout=120,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    rows = [json.loads(line) for line in stdout.splitlines()]
     assert [(row["arrangement"], row["n"]) for row in rows] == [
         ("in-line", 1), ("staged", 1), ("in-line", 2), ("staged", 2)
     ]  # fmt: skip
@@ -149,16 +126,8 @@ def test_worker_stages_compares_the_two_arrangements() -> None:
 def _quick_load(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
     """Run `benchmarks/load.py --quick` with ARGS; its stdout and its JSON figures."""
     figures = tmp_path / "load.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "load.py"), "--quick", "--json",
-         str(figures), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout, json.loads(figures.read_text())
+    stdout = run_benchmark("load.py", "--quick", "--json", str(figures), *args, timeout=120)
+    return stdout, json.loads(figures.read_text())
 
 
 def _assert_load_figures(stdout: str, figures: dict[str, Any]) -> None:

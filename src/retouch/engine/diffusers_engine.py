@@ -58,24 +58,34 @@ class _Stop(Exception):
 class DiffusersEngine:
     """One model entry on a pipeline: its own, or one shared with other entries.
 
-    `pipe`: a pipeline already built for the same weights (checkpoint, family and
-    LoRA), used as it is. `components_of`: a pipeline of the same checkpoint and
-    family whose text encoder, VAE, tokenizer and processor the new pipeline uses
-    instead of loading its own (only with `--offload none`: model offload chains
-    its hooks per pipeline, and a component shared by two would carry the hooks of
-    one of them only). `retouch.engine.loader.load_engines` decides what is shared.
+    `on`: the engine of another entry with the same weights (checkpoint, family and
+    LoRA), whose pipeline, checked and placed already, this one runs on as it is.
+    `components_of`: a pipeline of the same checkpoint and family whose text
+    encoder, VAE, tokenizer and processor the new pipeline uses instead of loading
+    its own (only with `--offload none`: model offload chains its hooks per
+    pipeline, and a component shared by two would carry the hooks of one of them
+    only). `retouch.engine.loader.load_engines` decides what is shared.
     """
+
+    checkpoint: str
+    device: str
+    dtype: Any  # a torch.dtype
+    pipe: Any
 
     def __init__(
         self,
         spec: ModelSpec,
         options: EngineOptions | None = None,
         *,
-        pipe: Any | None = None,
+        on: DiffusersEngine | None = None,
         components_of: Any | None = None,
     ) -> None:
         self.spec = spec
         self.options = options or EngineOptions()
+        if on is not None:
+            self.checkpoint, self.device, self.dtype = on.checkpoint, on.device, on.dtype
+            self.pipe = on.pipe
+            return
         self.checkpoint = resolve_checkpoint(spec.checkpoint, self.options.models_dir)
         check_family(self.checkpoint, spec.family)
         # Every option is checked before the (slow) load; what can only fail later
@@ -84,10 +94,7 @@ class DiffusersEngine:
         check_options(self.options, self.device)
         if components_of is not None and self.options.offload != "none":
             raise ValueError("pipelines share components only with --offload none")
-        if pipe is not None:
-            self.pipe = pipe
-        else:
-            self._build(components_of)
+        self._build(components_of)
 
     # -- loading --------------------------------------------------------------
 

@@ -105,9 +105,7 @@ def _load_plan(
     builder = DiffusersEngine(plan.build_spec, options, components_of=lender)
     built[plan.specs[0].name] = builder
     return {
-        spec.name: builder
-        if spec == builder.spec
-        else DiffusersEngine(spec, options, pipe=builder.pipe)
+        spec.name: builder if spec == builder.spec else DiffusersEngine(spec, options, on=builder)
         for spec in plan.specs
     }
 
