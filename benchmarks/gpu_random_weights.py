@@ -6,8 +6,12 @@ with N(0, 0.02): the cost of a real checkpoint without downloading one. Each
 measurement is written as one JSON line as soon as it is done, so a run cut
 short keeps what it measured.
 
-    python benchmarks/gpu_random_weights.py --out gpu.jsonl                 # on a GPU
-    python benchmarks/gpu_random_weights.py --tiny --device cpu --variants eager   # anywhere
+    python benchmarks/gpu_random_weights.py --out gpu.jsonl        # on a GPU
+    python benchmarks/gpu_random_weights.py --tiny --device cpu    # anywhere
+
+By default every variant the device can run: the FP8 ones need a CUDA GPU of compute
+capability 8.9 or newer and are left out elsewhere (named with --variants, they are
+tried and their error recorded).
 
 Variants (in order of importance; compile and FP8 last, they are slow to build):
 eager, refs3 (three reference images), vae, compiled, fp8_compiled, fp8_eager.
@@ -236,7 +240,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny config (CPU-friendly)")
     parser.add_argument("--size", type=int, default=1024, help="output side in pixels")
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument(
+        "--variants", help=f"comma-separated, of {ALL_VARIANTS}; default: all the device runs"
+    )
     parser.add_argument(
         "--zero-cond-t",
         action=argparse.BooleanOptionalAction,
@@ -246,6 +252,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="append JSON lines here too")
     args = parser.parse_args(argv)
+    if args.variants is None:
+        runs_fp8 = args.device.startswith("cuda") and torch.cuda.get_device_capability(
+            args.device
+        ) >= (8, 9)
+        args.variants = ",".join(v for v in ALL_VARIANTS if runs_fp8 or not v.startswith("fp8"))
     unknown = set(args.variants.split(",")) - set(ALL_VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {ALL_VARIANTS}")

@@ -160,7 +160,7 @@ def demo_serve_args(steps: int) -> tuple[str, ...]:
     """`retouch serve` flags for the demo model, fetching from loopback test hosts."""
     return (
         "--model", "demo", "--allow-private-networks", "--fetch-ports", "any",
-        "--steps", str(steps),
+        "--steps", str(steps), "--shutdown-grace-seconds", "5",
     )  # fmt: skip
 
 
@@ -216,8 +216,13 @@ class ServeProcess:
         return self.process.wait(30)
 
     def stop(self) -> None:
+        """SIGTERM: a running edit finishes first (up to --shutdown-grace-seconds)."""
         if self.process is not None and self.process.poll() is None:
-            self.kill(signal.SIGTERM)
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(90)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
 
 
 class WorkerProcess(ServeProcess):

@@ -14,6 +14,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
+from retouch.errors import InvalidRequestError
+
 UserGroup = Literal["default", "vip"]
 USER_GROUPS: tuple[UserGroup, ...] = ("default", "vip")
 UNITS_PER_CREDIT = 1000
@@ -40,6 +42,24 @@ def to_units(credits: float) -> int:
 
 def to_credits(units: int) -> float:
     return units / UNITS_PER_CREDIT
+
+
+MAX_NAME_LENGTH = 200  # of an account or a key
+MAX_NOTE_LENGTH = 500  # of a ledger entry
+
+
+def check_text(value: str, param: str, max_length: int) -> str:
+    """An operator-given name or note: 1 to `max_length` characters, none of them a
+    control character (they would end up in terminals and in PostgreSQL, which
+    refuses NUL)."""
+    if not 1 <= len(value) <= max_length:
+        raise InvalidRequestError(f"`{param}` must be 1-{max_length} characters", param=param)
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise InvalidRequestError(
+            f"`{param}` must not hold control characters (newlines, tabs, NUL, escapes)",
+            param=param,
+        )
+    return value
 
 
 def new_account_id() -> str:

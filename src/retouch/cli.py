@@ -63,9 +63,14 @@ def _option(name: str, field: FieldInfo) -> Callable[[F], F]:
 
 
 def _without_none(annotation: Any) -> Any:
+    """The type a setting's value has when given: without None, and without the
+    validators of an `Annotated` type (the settings check those)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         remaining = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return remaining[0] if len(remaining) == 1 else annotation
+        if len(remaining) == 1:
+            return _without_none(remaining[0])
+    if typing.get_origin(annotation) is typing.Annotated:
+        return typing.get_args(annotation)[0]
     return annotation
 
 
@@ -87,7 +92,22 @@ def build_settings(**options: Any) -> Settings:
 _store_options = settings_options("data_dir", "database_url", "db_pool_size")
 
 
-@click.group()
+class _Commands(click.Group):
+    """A file or folder a command cannot use (a data directory that cannot be created
+    or written, an output path under a file) is one line and exit 1, as every other
+    refusal, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            problem = exc.strerror or type(exc).__name__
+            raise click.ClickException(f"cannot use {exc.filename}: {problem}") from None
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="retouch")
 def main() -> None:
     """Retouch: a self-hostable server for the qwen-image-edit async task API."""
@@ -212,7 +232,9 @@ def keys_list(account: str | None, **options: Any) -> None:
         return
     click.echo(f"{'ID':<21} {'NAME':<20} {'PREFIX':<10} {'ACCOUNT':<20} {'CREATED':<20} STATUS")
     for key in rows:
-        status = "active" if key.active else "revoked"
+        status = "revoked" if not key.active else "active"
+        if key.active and key.rotated_at is not None:
+            status += f" (rotated {key.rotated_at.strftime('%Y-%m-%d %H:%M:%S')})"
         created = key.created_at.strftime("%Y-%m-%d %H:%M:%S")
         click.echo(
             f"{key.id:<21} {key.name:<20} {key.prefix + '…':<10} {key.account.name:<20} "
@@ -234,11 +256,14 @@ def keys_revoke(key_id: str, **options: Any) -> None:
 @click.argument("key_id")
 @_store_options
 def keys_rotate(key_id: str, **options: Any) -> None:
-    """Replace a key with a new one (same name, same account); the old one is revoked."""
+    """Give a key a new secret: the old secret answers 401 at once; the key keeps its
+    id, account and tasks."""
     store = _store(build_settings(**options))
     key, secret = _admin_call(lambda: store.rotate_key(key_id))
     click.echo(secret)
-    click.echo(f"Revoked {key_id}; its replacement is {key.id}. Keep the new key safe.", err=True)
+    click.echo(
+        f"Rotated {key.id}: the old secret no longer works. Keep the new one safe.", err=True
+    )
 
 
 @main.group()
@@ -344,7 +369,8 @@ def credits() -> None:
     """Top up accounts."""
 
 
-@credits.command("grant")
+# A negative AMOUNT ("-40") is an amount, not an unknown option.
+@credits.command("grant", context_settings={"ignore_unknown_options": True})
 @click.argument("account")
 @click.argument("amount", type=float)
 @click.option("--note", help="Why (kept in the ledger).")
@@ -428,6 +454,11 @@ def bench(
     from retouch.models import ModelsFileError
 
     settings = build_settings(**options)
+    for source in images:  # before the (slow) model load
+        if not source.startswith(("http://", "https://")) and not Path(source).is_file():
+            raise click.BadParameter(
+                f"{source}: no such file (nor an http(s) URL)", param_hint="--image"
+            )
     try:
         width, height = parse_size(size)
         spec = settings.model_specs()[0]
@@ -460,10 +491,10 @@ def bench(
         results.append(times)
         row = {"run": index + 1, "steps": times.steps, **times.row()}
         click.echo(json.dumps(row) if as_json else _bench_line(row))
-    mean = summary(results)
-    click.echo(
-        json.dumps({"run": "mean", **mean}) if as_json else _bench_line({"run": "mean", **mean})
-    )
+    # The first run warms caches up (and compiles, with --compile): left out of the mean.
+    of_runs = "1" if runs == 1 else f"2-{runs}"
+    mean = {"run": "mean", "of_runs": of_runs, **summary(results)}
+    click.echo(json.dumps(mean) if as_json else _bench_line(mean))
 
 
 def _bench_line(row: dict[str, Any]) -> str:

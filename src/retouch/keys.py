@@ -20,6 +20,7 @@ class ApiKey:
     account: Account
     created_at: datetime
     revoked_at: datetime | None = None
+    rotated_at: datetime | None = None  # when its secret was last replaced
 
     @property
     def active(self) -> bool:

@@ -9,9 +9,16 @@ import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 Family = Literal["edit", "edit-plus"]
 UserGroup = Literal["default", "vip"]
@@ -23,6 +30,22 @@ PIPELINE_CLASSES: dict[Family, str] = {
 DEMO = "demo"
 FIXTURE = "fixture"
 DEFAULT_MODELS_FILE = Path(__file__).parent / "models.default.toml"
+# What clients send as `model` (the tasks.model column holds 100 characters).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}")
+# n (up to 6) times a price stays within what one ledger entry holds (1e12 credits).
+MAX_PRICE = 1e11
+
+
+def check_price(price: float) -> float:
+    """Credits per image: from 0 to MAX_PRICE, in whole thousandths (the ledger's unit)."""
+    if not 0 <= price <= MAX_PRICE:  # NaN too
+        raise ValueError(f"the price must be from 0 to {MAX_PRICE:.0e} credits, not {price}")
+    if abs(round(price * 1000) - price * 1000) > 1e-6:
+        raise ValueError(f"the price must be a multiple of 0.001 credit, not {price}")
+    return price
+
+
+Price = Annotated[float, AfterValidator(check_price)]
 
 
 class ModelsFileError(Exception):
@@ -101,7 +124,7 @@ class _ModelEntry(BaseModel):
     negative_prompt: str | None = Field(default=" ", max_length=500)
     max_images: int | None = Field(default=None, ge=1, le=3)
     max_output_side: int = Field(default=2048, ge=512, le=2048)
-    price: float = Field(default=1.0, ge=0)
+    price: Price = 1.0
     user_groups: list[UserGroup] = Field(default=["default", "vip"], min_length=1)
     lora: _LoraEntry | None = None
 
@@ -109,7 +132,10 @@ class _ModelEntry(BaseModel):
         defaults = FAMILY_DEFAULTS[self.family]
         max_images = self.max_images or int(defaults["max_images"])
         if max_images > defaults["max_images"]:
-            raise ValueError(f"the {self.family} family takes at most {defaults['max_images']}")
+            raise ValueError(
+                f"models.{name}.max_images: the {self.family} family takes at most "
+                f"{defaults['max_images']} image(s), not {max_images}"
+            )
         return ModelSpec(
             name=name,
             checkpoint=self.checkpoint,
@@ -128,6 +154,16 @@ class _ModelEntry(BaseModel):
 class _ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: dict[str, _ModelEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> Self:
+        for name in self.models:
+            if not MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"models.{name!r}: a model name is 1-100 letters, digits and . _ - : / "
+                    "(what clients send as `model`), starting with a letter or digit"
+                )
+        return self
 
 
 def load_models_file(path: Path) -> list[ModelSpec]:
@@ -321,8 +357,8 @@ def check_lora(lora: LoraSpec) -> None:
 def _one_line(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: "
-            f"{error['msg'].removeprefix('Value error, ')}"
+            (f"{'.'.join(str(part) for part in error['loc'])}: " if error["loc"] else "")
+            + error["msg"].removeprefix("Value error, ")
             for error in exc.errors()
         )
     return str(exc)

@@ -12,15 +12,21 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import shlex
+import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import FrameType
 from typing import IO
+
+import uvicorn
+from sqlalchemy import make_url
 
 from retouch.api.admin import AdminService
 from retouch.api.app import create_app
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 
 _READY_TIMEOUT_SECONDS = 3600.0
 _STOP_GRACE_SECONDS = 15.0
+# How long open connections (event streams, say) may delay a shutdown.
+_HTTP_SHUTDOWN_SECONDS = 5
 _RESTART_DELAY_SECONDS = 2.0
 # A worker that cannot be restarted is tried again after doubling waits, up to this.
 _MAX_RESTART_DELAY_SECONDS = 60.0
@@ -57,8 +65,6 @@ def open_store(settings: Settings) -> Store:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     try:
         specs = settings.model_specs()
     except ModelsFileError as exc:
@@ -137,14 +143,61 @@ def serve(settings: Settings) -> None:
         _print_hint(settings, store, specs)
         try:
             # uvicorn's loggers go through ours (JSON lines when not on a terminal).
-            config = uvicorn.Config(app, log_level="info", log_config=None)
-            uvicorn.Server(config).run(sockets=[listener])
+            # Open event streams would hold a shutdown forever: they get a few seconds.
+            config = uvicorn.Config(
+                app,
+                log_level="info",
+                log_config=None,
+                timeout_graceful_shutdown=_HTTP_SHUTDOWN_SECONDS,
+            )
+            server = _Server(config, supervisor.drain if supervisor else lambda: None)
+            with _sigterm_stops_gracefully():
+                server.run(sockets=[listener])
         finally:
             dispatcher.stop()
             janitor.stop()
             if supervisor is not None:
                 supervisor.stop()
             store.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose stop signal (SIGTERM, Ctrl-C) also starts the worker's
+    drain at once, while open connections are given their last seconds."""
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._on_stop()
+
+
+@contextmanager
+def _sigterm_stops_gracefully() -> Iterator[None]:
+    """uvicorn stops serving on SIGTERM, then raises the signal again for the handler
+    it found: the default one would end the process there, before the worker drains.
+    This handler lets `serve` go on to stop its worker (the running task finishes,
+    up to --shutdown-grace-seconds) and exit 0; a second SIGTERM exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = threading.Event()
+
+    def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+        if stopping.is_set():
+            log.warning("second SIGTERM: stopping now")
+            os._exit(128 + signal.SIGTERM)
+        stopping.set()
+        log.info("SIGTERM: stopping (the worker finishes its running task first)")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        if not stopping.is_set():
+            signal.signal(signal.SIGTERM, previous)
 
 
 class WorkerSupervisor:
@@ -159,6 +212,7 @@ class WorkerSupervisor:
         self._context = multiprocessing.get_context("spawn")
         self._process: BaseProcess | None = None
         self._stopping = threading.Event()
+        self._drained: BaseProcess | None = None  # told to drain already
         self._monitor: threading.Thread | None = None
 
     def start(self) -> None:
@@ -166,6 +220,15 @@ class WorkerSupervisor:
         self._process = self._spawn()
         self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
         self._monitor.start()
+
+    def drain(self) -> None:
+        """Start stopping (from a signal handler: quick, no logging): the worker claims
+        nothing more and finishes its running task; `stop` waits for it."""
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.is_alive() and process is not self._drained:
+            self._drained = process
+            process.terminate()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -179,7 +242,8 @@ class WorkerSupervisor:
     def _stop_process(self, process: BaseProcess | None) -> None:
         if process is None or not process.is_alive():
             return
-        process.terminate()  # SIGTERM: finish the running task, within the grace period
+        if process is not self._drained:
+            process.terminate()  # SIGTERM: finish the running task, within the grace period
         process.join(self.settings.shutdown_grace_seconds + _STOP_GRACE_SECONDS)
         if process.is_alive():
             process.kill()
@@ -323,15 +387,24 @@ def _server_url(settings: Settings) -> str:
 
 
 def _print_hint(settings: Settings, store: Store, specs: list[ModelSpec]) -> None:
-    default_dir = settings.data_dir == Path("retouch-data")
-    data_dir = "" if default_dir else f" --data-dir {settings.data_dir}"
-    url = _server_url(settings)
+    # The flags that reach this server's database: its URL (password hidden) when
+    # one was given, else its data directory when not the default.
+    where = ""
+    hidden = False
+    if settings.database_url:
+        url = make_url(settings.database_url)
+        hidden = url.password is not None
+        where = f" --database-url {shlex.quote(url.render_as_string(hide_password=True))}"
+    elif settings.data_dir != Path("retouch-data"):
+        where = f" --data-dir {shlex.quote(str(settings.data_dir))}"
     served = ", ".join(f"{spec.name!r} ({spec.checkpoint})" for spec in specs)
-    lines = [f"Retouch is serving {served} on {url}"]
+    lines = [f"Retouch is serving {served} on {_server_url(settings)}"]
     if not store.list_keys():
         lines.append("No API key exists yet. Create one (and its account) with:")
-        lines.append(f"    retouch keys create --name alice{data_dir}")
+        lines.append(f"    retouch keys create --name alice{where}")
     else:
         lines.append("Create another API key (and account) with:")
-        lines.append(f"    retouch keys create --name NAME{data_dir}")
+        lines.append(f"    retouch keys create --name NAME{where}")
+    if hidden:
+        lines.append("(with the database password in place of ***)")
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -20,8 +20,10 @@ from retouch.accounts import DEFAULT_CREDITS, MAX_CREDITS, GroupLimits, Limits
 from retouch.api.schemas import url_problem
 from retouch.models import (
     DEFAULT_MODELS_FILE,
+    MODEL_NAME,
     LoraSpec,
     ModelSpec,
+    Price,
     check_lora,
     load_models_file,
     model_shortcut,
@@ -85,6 +87,7 @@ class Settings(BaseSettings):
     )
     model_name: str = Field(
         default=DEFAULT_MODEL_NAME,
+        pattern=f"^{MODEL_NAME.pattern}$",
         description="API name of the model that --model (or the built-in default) serves.",
     )
     family: Literal["auto", "edit", "edit-plus"] = Field(
@@ -147,9 +150,8 @@ class Settings(BaseSettings):
         "e.g. `Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors`; "
         "needed for a Hugging Face id, and for a directory holding several .safetensors files.",
     )
-    price: float | None = Field(
+    price: Price | None = Field(
         default=None,
-        ge=0,
         description="Credits per image produced by --model (or the built-in default); default 1.",
     )
     worker: bool = Field(default=True, description="Run the in-process worker.")

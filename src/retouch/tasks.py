@@ -26,6 +26,7 @@ class TaskStatus(StrEnum):
 
 
 _TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+MAX_TASK_ID_LENGTH = 64  # the tasks.id column
 
 
 def new_task_id(created: int) -> str:

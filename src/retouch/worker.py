@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from PIL import Image
@@ -103,6 +103,8 @@ class Worker:
         self.busy = threading.Event()
         self._ready: queue.Queue[_Prepared | None] = queue.Queue()
         self._slot = threading.Semaphore(1)
+        # The task prepared and waiting for the engine (at most one: the slot).
+        self._waiting: _Prepared | None = None
         # The finishing stage (one thread) and the PNG encoders; threads start on use.
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
         self._finishing: Future[None] | None = None
@@ -126,6 +128,8 @@ class Worker:
         prefetcher.start()
         try:
             while (prepared := self._ready.get()) is not None:
+                if not prepared.take():
+                    continue  # cancelled while it waited: ended, its slot freed then
                 self._slot.release()
                 if self.draining.is_set() or self.stopping.is_set():
                     # Claimed ahead but not started: someone else may run it now.
@@ -194,12 +198,34 @@ class Worker:
         try:
             while self._claiming():
                 if not self._slot.acquire(timeout=self.config.poll_interval_seconds):
+                    self._withdraw_if_cancelled()
                     continue
                 if not self._claiming() or not self._prefetch_one():
                     self._slot.release()
                     self._idle()
         finally:
             self._ready.put(None)
+
+    def _withdraw_if_cancelled(self) -> None:
+        """End the task waiting for the engine if it was cancelled (or its lease lost)
+        meanwhile: a cancel must not wait for the edit ahead of it to finish. The store
+        is asked at most once a second."""
+        waiting = self._waiting
+        if waiting is None or self.stopping.is_set() or not waiting.stop():
+            return
+        if not waiting.withdraw():
+            return  # the engine took it first: it stops there at its first step
+        self._slot.release()
+        task_id = waiting.task.id
+        with waiting.lease, context(task_id=task_id, worker_id=self.worker_id):
+            try:
+                if self.store.cancel_was_requested(task_id):
+                    self.cancel(task_id)
+                else:
+                    log.warning("task %s: lease lost while it waited for the engine", task_id)
+            except Exception:
+                # The database is away: the lease will expire; the cancel is kept.
+                log.exception("task %s: could not be cancelled", task_id)
 
     def _idle(self) -> None:
         """Wait for work: woken by the store's notification of a new task where the
@@ -253,6 +279,7 @@ class Worker:
         if prepared is None:
             lease.stop()
             return False
+        self._waiting = prepared
         self._ready.put(prepared)
         return True
 
@@ -279,7 +306,7 @@ class Worker:
             log.exception("task %s: preparing the inputs failed", task.id)
             self.fail(task.id, engine_error(exc))
             return None
-        return _Prepared(task, model, images, lease)
+        return _Prepared(task, model, images, lease, _StopCheck(self, task.id))
 
     def _fetch_stopped(self, task_id: str) -> None:
         """A fetch ended early: the worker is stopping (the task goes back to the
@@ -382,12 +409,30 @@ def check_prompt(engine: Engine, prompt: str) -> None:
     ensure_prompt_fits(engine.count_tokens(prompt))
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Prepared:
+    """A task ready for the engine: taken by it, or withdrawn while it waits."""
+
     task: Task
     model: LoadedModel
     images: list[Image.Image]
     lease: _LeaseKeeper
+    stop: _StopCheck
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _state: str = "waiting"  # then "taken" or "withdrawn"
+
+    def take(self) -> bool:
+        return self._move("taken")
+
+    def withdraw(self) -> bool:
+        return self._move("withdrawn")
+
+    def _move(self, state: str) -> bool:
+        with self._lock:
+            if self._state != "waiting":
+                return False
+            self._state = state
+            return True
 
 
 class _TaskRun:

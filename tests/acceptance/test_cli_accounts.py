@@ -35,7 +35,7 @@ def key_rows(data_dir: Path) -> dict[str, list[str]]:
     assert lines[0].split() == ["ID", "NAME", "PREFIX", "ACCOUNT", "CREATED", "STATUS"]
     rows = {}
     for line in lines[1:]:
-        key_id, name, prefix, account, _day, _time, status = line.split()
+        key_id, name, prefix, account, _day, _time, status = line.split(None, 6)
         rows[key_id] = [name, prefix, account, status]
     return rows
 
@@ -65,8 +65,11 @@ def test_keys_accounts_and_credits_from_the_command_line(tmp_path: Path) -> None
         bot_id: ["bot", bot_secret[:9] + "…", "alice", "active"],
     }
 
-    granted = cli(data, "credits", "grant", "alice", "2.5")
-    assert granted.stderr.strip() == "alice: 7.5 credits (7.5 available)"
+    granted = cli(data, "credits", "grant", "alice", "3.5")
+    assert granted.stderr.strip() == "alice: 8.5 credits (8.5 available)"
+    # A negative amount takes credits back, written as the README shows it.
+    taken = cli(data, "credits", "grant", "alice", "-1", "--note", "goodwill ended")
+    assert taken.stderr.strip() == "alice: 7.5 credits (7.5 available)"
     updated = cli(
         data, "accounts", "update", "alice", "--group", "vip", "--rate", "5",
         "--concurrency", "default", "--models", "qwen-image-edit",
@@ -82,30 +85,28 @@ def test_keys_accounts_and_credits_from_the_command_line(tmp_path: Path) -> None
     assert shown[:4] == expected
     assert shown[4] == "latest entries:"
     assert [line.split(None, 2)[2].split() for line in shown[5:]] == [
-        ["grant", "2.5", "(granted", "from", "the", "CLI)"],
+        ["grant", "-1", "(goodwill", "ended)"],
+        ["grant", "3.5", "(granted", "from", "the", "CLI)"],
         ["grant", "5", "(starting", "credits)"],
     ]
 
     rotated = cli(data, "keys", "rotate", alice_id)
     new_secret = rotated.stdout.strip()
     assert SECRET.fullmatch(new_secret) and new_secret != alice_secret
-    replaced = re.fullmatch(
-        rf"Revoked {alice_id}; its replacement is (key_[0-9a-f]{{16}})\. Keep the new key safe\.",
-        rotated.stderr.strip(),
+    assert rotated.stderr.strip() == (
+        f"Rotated {alice_id}: the old secret no longer works. Keep the new one safe."
     )
-    assert replaced, rotated.stderr
-    new_id = replaced.group(1)
 
     unknown = cli(data, "keys", "revoke", "key_0000000000000000", check=False)
     assert unknown.returncode == 1
     assert "no active key with id 'key_0000000000000000'" in unknown.stderr
     assert cli(data, "keys", "revoke", bot_id).stderr.strip() == f"Revoked {bot_id}."
 
-    assert key_rows(data) == {
-        alice_id: ["alice", alice_secret[:9] + "…", "alice", "revoked"],
-        bot_id: ["bot", bot_secret[:9] + "…", "alice", "revoked"],
-        new_id: ["alice", new_secret[:9] + "…", "alice", "active"],
-    }
+    rows = key_rows(data)
+    assert rows[bot_id] == ["bot", bot_secret[:9] + "…", "alice", "revoked"]
+    assert rows[alice_id][:3] == ["alice", new_secret[:9] + "…", "alice"]
+    assert re.fullmatch(r"active \(rotated \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", rows[alice_id][3])
+    assert set(rows) == {alice_id, bot_id}
     listed = cli(data, "accounts", "list").stdout.splitlines()
     assert [line.split() for line in listed[1:]] == [
         [account_id, "alice", "vip", "7.5", "0", "7.5"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -218,25 +222,29 @@ def test_two_servers_cannot_share_a_data_directory(tmp_path: Path) -> None:
         first.stop()
 
 
-def test_a_dead_worker_childs_task_runs_again_at_once(tmp_path: Path) -> None:
-    """The worker child dies mid-task (SIGKILL, the OOM killer) while the server
-    lives: the server restarts it and hands its task straight back to the queue,
-    not after the 60 s lease (and its confirmation) has run out."""
-    data_dir = tmp_path / "data"
+def fixture_server(
+    data_dir: Path, *args: str
+) -> tuple[ServeProcess, dict[str, str], dict[str, Any], ImageHost]:
+    """A started `retouch serve --model fixture` with ARGS, a key's headers, an edit
+    body and the image host it fetches from (the caller stops both)."""
     secret = retouch_cli("keys", "create", "--name", "alice", "--data-dir", str(data_dir)).stdout
-    headers = {"Authorization": f"Bearer {secret.strip()}"}
     host = ImageHost()
     body = {
         "model": "qwen-image-edit",
         "prompt": "make it night",
         "image_urls": [host.add("/cat.png", png_bytes((512, 512)))],
     }
-    server = ServeProcess(
-        data_dir,
-        *("--model", "fixture", "--steps", "100", "--allow-private-networks"),
-        *("--fetch-ports", "any"),
-    )
-    server.start()
+    flags = ("--model", "fixture", "--allow-private-networks", "--fetch-ports", "any")
+    server = ServeProcess(data_dir, *flags, *args).start()
+    return server, {"Authorization": f"Bearer {secret.strip()}"}, body, host
+
+
+def test_a_dead_worker_childs_task_runs_again_at_once(tmp_path: Path) -> None:
+    """The worker child dies mid-task (SIGKILL, the OOM killer) while the server
+    lives: the server restarts it and hands its task straight back to the queue,
+    not after the 60 s lease (and its confirmation) has run out."""
+    data_dir = tmp_path / "data"
+    server, headers, body, host = fixture_server(data_dir, "--steps", "100")
     try:
         with httpx.Client(base_url=server.url, headers=headers, timeout=10) as http:
             task_id = http.post("/v1/images/generations", json=body).json()["id"]
@@ -257,3 +265,44 @@ def test_a_dead_worker_childs_task_runs_again_at_once(tmp_path: Path) -> None:
     finally:
         server.stop()
         host.close()
+
+
+def test_sigterm_lets_the_running_task_finish_and_exits_0(tmp_path: Path) -> None:
+    """What `systemctl stop` and `docker stop` send: the running edit finishes and is
+    completed, the task behind it stays queued for the next start, and a client still
+    following a task on an event stream does not hold the shutdown."""
+    data_dir = tmp_path / "data"
+    server, headers, body, host = fixture_server(
+        data_dir, "--steps", "150", "--shutdown-grace-seconds", "60"
+    )
+    stream_ended = threading.Event()
+    try:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=10) as http:
+            running = http.post("/v1/images/generations", json=body).json()["id"]
+            queued = http.post("/v1/images/generations", json=body).json()["id"]
+            wait_for(lambda: http.get(f"/v1/tasks/{running}").json()["progress"] > 0, timeout=30)
+
+        def follow() -> None:
+            with (
+                contextlib.suppress(httpx.HTTPError),
+                httpx.Client(base_url=server.url, headers=headers, timeout=60) as client,
+                client.stream("GET", f"/v1/tasks/{queued}/events") as events,
+            ):
+                for _line in events.iter_lines():
+                    pass
+            stream_ended.set()
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        time.sleep(0.5)
+        assert server.kill(signal.SIGTERM) == 0, server.log()[-3000:]
+        assert stream_ended.wait(5)
+    finally:
+        server.stop()
+        host.close()
+    log = server.log()
+    assert "SIGTERM: stopping" in log and "draining" in log
+    with sqlite3.connect(data_dir / "retouch.db") as conn:
+        rows = dict(conn.execute("SELECT id, status || ' ' || attempts FROM tasks").fetchall())
+    assert rows[running] == "completed 1"
+    assert rows[queued] in ("pending 0", "pending 1")

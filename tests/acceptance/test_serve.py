@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shlex
 import statistics
 import time
 from collections.abc import Iterator
@@ -79,6 +80,35 @@ def submit(server: ServeProcess, secret: str, host: ImageHost) -> dict[str, Any]
 
 def test_the_admin_hint_tells_how_to_create_a_key(server: ServeProcess) -> None:
     assert "retouch keys create --name" in server.log()
+
+
+def follow_the_hint(server: ServeProcess) -> str:
+    """Run the key-creating command `retouch serve` printed; the new secret."""
+    lines = server.log().splitlines()
+    command = lines[lines.index("No API key exists yet. Create one (and its account) with:") + 1]
+    words = shlex.split(command.strip())
+    assert words[:4] == ["retouch", "keys", "create", "--name"]
+    return retouch_cli(*words[1:]).stdout.strip()
+
+
+@pytest.mark.parametrize("where", ["data-dir", "database-url"])
+def test_the_key_the_hint_creates_works_on_that_server(
+    tmp_path: Path, request: pytest.FixtureRequest, where: str
+) -> None:
+    """The hint names the server's database: its data directory, or the URL it was
+    given (a key written elsewhere would answer 401 there)."""
+    args: tuple[str, ...] = ("--model", "fixture", "--no-worker")
+    if where == "database-url":
+        args += ("--database-url", request.getfixturevalue("database_url"))
+    server = ServeProcess(tmp_path / "data dir", *args).start()
+    try:
+        secret = follow_the_hint(server)
+        answer = httpx.get(
+            f"{server.url}/v1/usage", headers={"Authorization": f"Bearer {secret}"}, timeout=10
+        )
+        assert answer.status_code == 200, answer.text
+    finally:
+        server.stop()
 
 
 def test_an_edit_end_to_end(server: ServeProcess, keys: dict[str, str], host: ImageHost) -> None:

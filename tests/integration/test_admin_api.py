@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import event, text
 from starlette.testclient import TestClient
 
@@ -16,6 +17,7 @@ from retouch.api.app import create_app
 from retouch.api.service import TaskService
 from retouch.callbacks import webhook_secret
 from retouch.clock import FakeClock
+from retouch.errors import InvalidRequestError
 from retouch.storage import LocalResultStorage
 from retouch.store import Store
 from tests.integration.conftest import ADMIN_TOKEN, SIGNING_KEY, SPEC, Api
@@ -399,6 +401,7 @@ def test_keys_are_created_once_listed_revoked_and_rotated(api: Api) -> None:
         "account": {"id": carol["account"]["id"], "name": "carol"},
         "created": now(api),
         "revoked": None,
+        "rotated": None,
     }
     account_id = carol["account"]["id"]
     seen = ok(usage(api, secret))
@@ -444,27 +447,24 @@ def test_keys_are_created_once_listed_revoked_and_rotated(api: Api) -> None:
         unknown = admin.post(f"{ADMIN}/keys/key_0000000000000000/revoke")
         assert_error(unknown, 404, "not_found_error", "key_id")
 
-        # Rotating: the old secret stops, the new one acts for the same account.
+        # Rotating: the key gets a new secret, the old one stops at once, and the key
+        # keeps its id, its account and what it reaches.
         api.clock.advance(5)
         rotated = ok(admin.post(f"{ADMIN}/keys/{carol['id']}/rotate"))
         new_secret = rotated.pop("secret")
         assert new_secret.startswith("rt_") and new_secret != secret
-        assert KEY_ID.fullmatch(rotated["id"]) and rotated["id"] != carol["id"]
-        assert rotated == {
-            "object": "api_key",
-            "id": rotated["id"],
-            "name": "carol",
-            "prefix": new_secret[:9],
-            "account": carol["account"],
-            "created": now(api),
-            "revoked": None,
-        }
+        assert rotated == {**carol, "prefix": new_secret[:9], "rotated": now(api)}
         assert_error(usage(api, secret), 401, "authentication_error")
         assert ok(usage(api, new_secret))["account"] == {"id": account_id, "name": "carol"}
         assert ok(usage(api, new_secret))["credits"] == credits(10.0)
 
-        again = admin.post(f"{ADMIN}/keys/{carol['id']}/rotate")
-        assert_error(again, 409, "conflict_error", "key_id")
+        # A key may be rotated again (its latest secret alone works), a revoked one not.
+        api.clock.advance(5)
+        again = ok(admin.post(f"{ADMIN}/keys/{carol['id']}/rotate"))
+        newest = again.pop("secret")
+        assert again == {**rotated, "prefix": newest[:9], "rotated": now(api)}
+        assert_error(usage(api, new_secret), 401, "authentication_error")
+        assert ok(usage(api, newest))["account"]["id"] == account_id
         assert_error(
             admin.post(f"{ADMIN}/keys/{bot['id']}/rotate"), 409, "conflict_error", "key_id"
         )
@@ -475,12 +475,7 @@ def test_keys_are_created_once_listed_revoked_and_rotated(api: Api) -> None:
             row["id"]: row["revoked"]
             for row in ok(admin.get(f"{ADMIN}/keys", params={"account": account_id}))["data"]
         }
-    assert states == {
-        carol["id"]: now(api),
-        bot["id"]: now(api) - 5,
-        by_id["id"]: None,
-        rotated["id"]: None,
-    }
+    assert states == {carol["id"]: None, bot["id"]: now(api) - 10, by_id["id"]: None}
 
 
 def test_a_key_for_an_existing_account_refuses_new_account_fields(api: Api) -> None:
@@ -663,3 +658,24 @@ def test_a_ledger_limit_that_only_looks_like_digits_is_400_not_500(api: Api) -> 
         for limit in ["²", "1²"]:
             response = admin.get(f"{ADMIN}/accounts/alice/ledger", params={"limit": limit})
             assert_error(response, 400, "invalid_request_error", "limit")
+
+
+@pytest.mark.parametrize("bad", ["red\x1b[31m", "two\nlines", "nul\x00", "x" * 201])
+def test_names_and_notes_are_printable_text_on_every_backend(api: Api, bad: str) -> None:
+    """Names and notes end up in terminals (`retouch keys list`) and in PostgreSQL, which
+    refuses NUL: control characters are refused alike on each backend, and so is a
+    name past its column."""
+    with api.admin() as admin:
+        assert_error(
+            admin.post(f"{ADMIN}/keys", json={"name": bad}), 400, "invalid_request_error", "name"
+        )
+        refused = admin.post(f"{ADMIN}/accounts", json={"name": bad})
+        assert_error(refused, 400, "invalid_request_error", "name")
+        if len(bad) <= 200:  # a control character: a note may not hold one either
+            grant = {"credits": 1, "note": bad}
+            refused = admin.post(f"{ADMIN}/accounts/alice/credits", json=grant)
+            assert_error(refused, 400, "invalid_request_error", "note")
+    with pytest.raises(InvalidRequestError, match="`name`"):
+        api.store.create_key(bad)
+    assert [key.name for key in api.store.list_keys()] == ["alice"]
+    assert api.store.get_account("alice").balance == 100.0

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from sqlalchemy.exc import DataError
 
 from retouch.api.schemas import QwenImageEditRequest
 from retouch.api.service import TaskService
@@ -268,6 +269,27 @@ def test_tampered_links_are_refused(api: Api, image_host: ImageHost) -> None:
     assert sibling != link
     for bad in [later, sibling, link[:-2] + "00", link.split("?")[0]]:
         assert_error(httpx.get(bad), 403, "permission_error", "signature")
+
+
+def test_result_and_upload_links_answer_head_as_get_without_the_body(
+    api: Api, image_host: ImageHost
+) -> None:
+    """RFC 9110: a general-purpose server answers HEAD; link checkers ask it first."""
+    api.start_worker(FixtureEngine())
+    task = create(api, edit([image_host.add("/a.png", png_bytes())]))
+    link = wait_status(api, task["id"], "completed")["results"][0]
+    with api.client() as client:
+        uploaded = client.post(
+            "/v1/uploads", files={"file": ("a.png", png_bytes(), "image/png")}
+        ).json()["url"]
+    for url in (link, uploaded):
+        got, head = httpx.get(url), httpx.head(url)
+        assert got.status_code == head.status_code == 200
+        assert head.content == b"" and got.content
+        assert head.headers["content-length"] == str(len(got.content))
+        assert head.headers["content-type"] == got.headers["content-type"]
+        forged = httpx.head(url.replace("signature=", "signature=0"))
+        assert forged.status_code == 403 and forged.content == b""
 
 
 @pytest.mark.parametrize(
@@ -615,3 +637,67 @@ def test_urls_are_checked_by_their_look_at_submission(store: Store, clock: FakeC
         )
         == 0
     )
+
+
+# -- what no route should meet ---------------------------------------------
+
+
+def test_ids_no_task_can_have_are_404_on_every_backend(api: Api) -> None:
+    """A NUL character (PostgreSQL cannot even compare it) or an id longer than the
+    column is an unknown task like any other, not a database error."""
+    too_long = "task-unified-" + "1" * 60
+    with api.client() as client, api.admin() as admin:
+        for path in ("/v1/tasks/a%00b", "/v1/tasks/a%00b/events"):
+            assert_error(client.get(path), 404, "not_found_error")
+        for path in (f"/v1/tasks/{too_long}", f"/v1/tasks/{too_long}/events"):
+            assert_error(client.get(path), 404, "not_found_error", "task_id")
+        for action in ("cancel", "callback/redeliver"):
+            assert_error(client.post(f"/v1/tasks/a%00b/{action}"), 404, "not_found_error")
+            refused = client.post(f"/v1/tasks/{too_long}/{action}")
+            assert_error(refused, 404, "not_found_error", "task_id")
+        assert_error(admin.get("/admin/v1/accounts/a%00b"), 404, "not_found_error")
+        assert_error(admin.get("/admin/v1/keys?account=a%00b"), 400, "invalid_request_error")
+        assert_error(client.get("/v1/models?x=%00"), 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize(
+    "host", ["h" + "a" * 2100 + ".example", "evil.example/path", "a b", "x:port", "[zz]"]
+)
+def test_a_host_header_that_names_no_host_is_refused(api: Api, host: str) -> None:
+    """Links are built on the Host a request came through (no public URL set): one that
+    is no host cannot reach a link, or a column, on either backend."""
+    with api.client() as client:
+        created = client.post(
+            GENERATIONS, json=edit(["https://example.com/a.png"]), headers={"Host": host}
+        )
+        assert_error(created, 400, "invalid_request_error", "Host")
+        assert client.get("/v1/usage").json()["tasks"]["pending"] == 0
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "retouch_api:8000", "127.0.0.1:8000", "[::1]:8000", "api.example.com"]
+)
+def test_host_names_addresses_and_ports_are_accepted(api: Api, host: str) -> None:
+    with api.client() as client:
+        created = client.post(
+            GENERATIONS, json=edit(["https://example.com/a.png"]), headers={"Host": host}
+        )
+    assert created.status_code == 200, created.text
+    task = api.store.get_task(created.json()["id"])
+    assert task is not None and task.base_url == f"http://{host}/"
+
+
+def test_a_value_the_database_refuses_is_a_400_not_a_500(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks above keep such values out; should one get through, the database's
+    refusal of it as data is the client's error, in the seed's body, and no traceback."""
+
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise DataError("SELECT", {}, ValueError("text fields cannot contain NUL (0x00) bytes"))
+
+    monkeypatch.setattr(api.store, "get_task", refuse)
+    with api.client() as client:
+        refused = client.get("/v1/tasks/task-unified-1767225600-abcd1234")
+    error = assert_error(refused, 400, "invalid_request_error")
+    assert "cannot store" in error["message"] and "NUL" in error["message"]

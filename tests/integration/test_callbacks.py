@@ -286,7 +286,8 @@ def test_a_receiver_that_drips_its_headers_is_cut_off_at_the_deadline(
     task = finished_task(store, key, receiver.url)
     started = time.monotonic()
     assert dispatcher(store, service, clock, timeout_seconds=0.5).run_once() == 1
-    assert time.monotonic() - started < 1.5
+    # Cut off: the drip would go on for a minute (the bound leaves room for a busy CPU).
+    assert time.monotonic() - started < 5
     assert drip.hung_up.wait(2)
     delivery = store.latest_delivery(task.id)
     assert delivery is not None and delivery.status == "pending" and delivery.attempts == 1

@@ -270,6 +270,9 @@ def test_every_error_maps_to_its_class(api: Api, image_host: ImageHost) -> None:
         with pytest.raises(NotFoundError) as unknown_model:
             retouch.edit(PROMPT, url, model="no-such-model")
         assert unknown_model.value.param == "model" and unknown_model.value.fallback_suggestion
+        # The suggestion (the model served) is in the message already: said once.
+        assert str(unknown_model.value) == f"{unknown_model.value.message} (param: model)"
+        assert unknown_model.value.fallback_suggestion in unknown_model.value.message
         noise = Image.frombytes("RGB", (200, 200), os.urandom(200 * 200 * 3))
         with (
             client(api, uploads=False) as inline,

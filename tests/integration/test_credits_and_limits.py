@@ -672,6 +672,42 @@ def test_revoking_a_key_does_not_stop_its_running_task(api: Api, image_host: Ima
     assert (account.balance, account.reserved) == (100 - PRICE, 0.0)
 
 
+def test_a_rotated_key_keeps_its_tasks_and_idempotency_keys(
+    api: Api, image_host: ImageHost
+) -> None:
+    """Rotation replaces a key's secret, not the key: the new secret polls and cancels
+    the tasks created before (a running one too), and a retry with the same
+    Idempotency-Key finds the task instead of creating a second one."""
+    key, old = api.store.create_key("bob")
+    api.start_worker(FixtureEngine(step_seconds=0.05, steps=400))
+    body = edit([image_host.add("/a.png", png_bytes())])
+    response = post(api, body, secret=old, idempotency_key="order-1")
+    assert response.status_code == 200
+    task_id = response.json()["id"]
+    wait_for(lambda: stored(api, task_id).progress > 0)
+
+    rotated, new = api.store.rotate_key(key.id)
+    assert rotated.id == key.id and new != old
+    with api.client(old) as client:
+        assert_error(client.get(f"/v1/tasks/{task_id}"), 401, "authentication_error")
+    with api.client(new) as client:
+        polled = client.get(f"/v1/tasks/{task_id}")
+        assert polled.status_code == 200 and polled.json()["status"] == "processing"
+    replayed = post(api, body, secret=new, idempotency_key="order-1")
+    assert replayed.status_code == 200 and replayed.json()["id"] == task_id
+
+    with api.client(new) as client:
+        cancelled = client.post(f"/v1/tasks/{task_id}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    done = wait_for(lambda: (t := stored(api, task_id)).status.is_terminal and t, timeout=20)
+    assert done.status is TaskStatus.CANCELLED
+    assert entries(api, "bob") == [
+        ("grant", None, 100.0),
+        ("reserve", task_id, PRICE),
+        ("release", task_id, PRICE),
+    ]
+
+
 def test_vip_tasks_go_ahead_of_default_ones(api: Api, image_host: ImageHost) -> None:
     url = image_host.add("/a.png", png_bytes())
     _key, vip = api.store.create_key("v", user_group="vip")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -76,6 +77,22 @@ def job(seed: int = 3, steps: int = 2) -> EditJob:
     )
 
 
+def direct_edit(direct: Any, edit: EditJob) -> Image.Image:
+    """What diffusers' own pipeline makes of `edit`, called as its documentation shows."""
+    import torch
+
+    return direct(
+        image=edit.images,
+        prompt=edit.prompt,
+        negative_prompt=edit.negative_prompt,
+        true_cfg_scale=edit.true_cfg_scale,
+        num_inference_steps=edit.steps,
+        height=edit.height,
+        width=edit.width,
+        generator=torch.Generator(device="cpu").manual_seed(edit.seed),
+    ).images[0]
+
+
 def test_demo_checkpoint_has_every_component(demo_dir: Path) -> None:
     index = json.loads((demo_dir / "model_index.json").read_text())
     assert index["_class_name"] == "QwenImageEditPlusPipeline"
@@ -104,24 +121,43 @@ def test_interrupt_stops_at_once_and_leaves_the_pipeline_reusable(
 
 
 def test_output_equals_a_direct_diffusers_call(engine: DiffusersEngine, direct: Any) -> None:
-    import torch
 
     progress: list[tuple[int, int]] = []
     ours = engine.run(job(), lambda done, total: progress.append((done, total)), lambda: False)
     assert progress == [(1, 2), (2, 2)]
     assert len(ours) == 1 and ours[0].size == (512, 512)
+    assert encode_png(ours[0]) == encode_png(direct_edit(direct, job()))
 
-    theirs = direct(
-        image=[Image.new("RGB", (400, 480), (30, 120, 200))],
-        prompt=PROMPT,
-        negative_prompt=" ",
-        true_cfg_scale=4.0,
-        num_inference_steps=2,
-        height=512,
-        width=512,
-        generator=torch.Generator(device="cpu").manual_seed(3),
-    ).images[0]
+
+def test_without_true_cfg_the_negative_prompt_is_left_out_silently(
+    engine: DiffusersEngine, direct: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model served with true_cfg_scale <= 1 (a Lightning LoRA) gets no negative
+    prompt: diffusers would ignore it and warn on every edit. The image is the one
+    diffusers makes either way."""
+
+    caplog.set_level(logging.INFO)
+    no_cfg = replace(job(), true_cfg_scale=1.0, negative_prompt="blurry")
+    ours = engine.run(no_cfg, lambda *_: None, lambda: False)
+    assert [r.message for r in caplog.records if r.name.startswith("diffusers")] == []
+    theirs = direct_edit(direct, replace(no_cfg, negative_prompt=None))
     assert encode_png(ours[0]) == encode_png(theirs)
+
+
+def test_diffusers_and_transformers_log_through_the_process_handler(
+    engine: DiffusersEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Their warnings reach the root logger (JSON lines in a service), not a handler
+    of their own writing raw lines to stderr."""
+    caplog.set_level(logging.INFO)
+    for name in ("diffusers.pipelines.probe", "transformers.models.probe"):
+        logging.getLogger(name).warning("probe from %s", name)
+        library = logging.getLogger(name.split(".")[0])
+        assert library.propagate and not library.handlers
+    assert [r.getMessage() for r in caplog.records if "probe" in r.getMessage()] == [
+        "probe from diffusers.pipelines.probe",
+        "probe from transformers.models.probe",
+    ]
 
 
 def test_without_a_size_an_ordinary_input_gets_the_pipelines_own_choice(
@@ -365,6 +401,12 @@ def test_a_lora_weight_name_picks_one_file_of_several(demo_dir: Path, tmp_path: 
         DiffusersEngine(
             spec(demo_dir, lora=LoraSpec(source=str(folder), weight_name="missing.safetensors"))
         )
+
+
+@pytest.mark.parametrize("source", ["/nonexistent/lora.safetensors", "./lora.safetensors"])
+def test_a_missing_lora_file_is_named_as_missing(demo_dir: Path, source: str) -> None:
+    with pytest.raises(ModelLoadError, match=r"There is no LoRA file or folder at '"):
+        DiffusersEngine(spec(demo_dir, lora=LoraSpec(source=source)))
 
 
 def test_a_broken_lora_stops_loading_with_one_sentence(demo_dir: Path, tmp_path: Path) -> None:

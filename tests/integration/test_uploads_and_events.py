@@ -16,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from retouch.api.schemas import MAX_IMAGE_URL_LENGTH
 from retouch.engine.fixture import FixtureEngine
 from retouch.janitor import Janitor
 from tests.integration.conftest import MAX_REQUEST_BYTES, Api
@@ -112,7 +113,7 @@ def test_malformed_upload_links_are_refused_not_500(api: Api, query: str, param:
     with api.client() as client:
         refused = client.post("/v1/images/generations", json=edit([link]))
     error = assert_error(refused, 400, "invalid_request_error", "image_urls[0]")
-    if len(link) <= 2048:  # a longer URL is refused by its length first
+    if len(link) <= MAX_IMAGE_URL_LENGTH:  # a longer URL is refused by its length first
         assert "upload link is invalid" in error["message"]
 
 
@@ -245,6 +246,35 @@ def test_the_event_stream_is_only_for_the_tasks_owner(api: Api) -> None:
             "not_found_error",
             "task_id",
         )
+
+
+@pytest.mark.parametrize("change", ["revoke", "rotate"])
+def test_an_event_stream_ends_once_its_key_stops_working(api: Api, change: str) -> None:
+    """A stream opened with a key that is then revoked (or rotated to a new secret)
+    ends with the 401 error body instead of going on to show the results."""
+    key, secret = api.store.create_key("mallory")
+    with api.client(secret) as client:
+        created = client.post("/v1/images/generations", json=edit(["https://example.com/a.png"]))
+        assert created.status_code == 200, created.text
+        task_id = created.json()["id"]
+        seen: list[tuple[str, dict[str, Any]]] = []
+        with client.stream("GET", f"/v1/tasks/{task_id}/events") as response:
+            assert response.status_code == 200
+            kind = ""
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    kind = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    seen.append((kind, json.loads(line.removeprefix("data: "))))
+                    if len(seen) == 1:
+                        if change == "revoke":
+                            assert api.store.revoke_key(key.id)
+                        else:
+                            api.store.rotate_key(key.id)
+    assert [kind for kind, _ in seen] == ["task", "error"]
+    assert seen[0][1]["status"] == "pending"
+    assert seen[1][1]["error"]["code"] == 401
+    assert seen[1][1]["error"]["type"] == "authentication_error"
 
 
 def test_the_janitor_deletes_uploads_as_old_as_results(api: Api) -> None:

@@ -144,3 +144,36 @@ def test_several_results_are_stored_in_their_order(api: Api, image_host: ImageHo
         assert download.status_code == 200
         served = Image.open(io.BytesIO(download.content))
         assert served.convert("RGB").tobytes() == image.convert("RGB").tobytes()
+
+
+def test_a_task_cancelled_while_it_waits_for_the_engine_ends_at_once(
+    api: Api, image_host: ImageHost
+) -> None:
+    """The task claimed and fetched ahead (`processing`, progress 0) is cancelled within
+    about a second, not after the edit ahead of it; the worker then prepares the
+    next one while that edit still runs."""
+    url = image_host.add("/a.png", png_bytes())
+    running = create(api, edit([url], prompt="running"))["id"]
+    api.clock.advance(1)
+    waiting = create(api, edit([url], prompt="waiting"))["id"]
+    api.clock.advance(1)
+    behind = create(api, edit([url], prompt="behind"))["id"]
+    engine = PromptRecorder(second_steps=3)
+    engine.steps = 2000  # the first edit runs until the end of the test
+    api.start_worker(engine)
+    wait_for(lambda: stored(api.store, running).progress >= 1, timeout=10, what="progress")
+    wait_task(api.store, waiting, TaskStatus.PROCESSING, timeout=10)
+
+    with api.client() as client:
+        assert client.post(f"/v1/tasks/{waiting}/cancel").status_code == 200
+    done = wait_task(api.store, waiting, TaskStatus.CANCELLED, timeout=5)
+    assert ledger_kinds(api.store, done) == [EntryKind.RESERVE, EntryKind.RELEASE]
+    # Its place is taken by the task behind, while the first edit still runs.
+    wait_task(api.store, behind, TaskStatus.PROCESSING, timeout=5)
+    assert stored(api.store, running).status is TaskStatus.PROCESSING
+    assert engine.started == ["running"]
+
+    with api.client() as client:
+        assert client.post(f"/v1/tasks/{running}/cancel").status_code == 200
+    wait_task(api.store, behind, TaskStatus.COMPLETED, timeout=10)
+    assert engine.started == ["running", "behind"]

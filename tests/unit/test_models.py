@@ -119,7 +119,14 @@ def test_a_models_file_with_family_defaults_and_a_lora(tmp_path: Path) -> None:
     [
         ("[models.x]\nfamily = 'edit'", "checkpoint"),
         ("[models.x]\ncheckpoint = 'a/b'\nfamily = 'inpaint'", "family"),
-        ("[models.x]\ncheckpoint = 'a/b'\nfamily = 'edit'\nmax_images = 3", "at most 1"),
+        ("[models.x]\ncheckpoint = 'a/b'\nfamily = 'edit'\nmax_images = 3", "x.max_images"),
+        ("[models.x]\ncheckpoint = 'a/b'\nprice = inf", "x.price: the price must be from 0"),
+        ("[models.x]\ncheckpoint = 'a/b'\nprice = nan", "x.price: the price must be from 0"),
+        ("[models.x]\ncheckpoint = 'a/b'\nprice = 100000000001", "to 1e+11 credits"),
+        ("[models.x]\ncheckpoint = 'a/b'\nprice = 0.0005", "multiple of 0.001"),
+        ("[models.'has space']\ncheckpoint = 'a/b'", "models.'has space': a model name"),
+        ("[models.'']\ncheckpoint = 'a/b'", "models.'': a model name"),
+        ("[models.'-x']\ncheckpoint = 'a/b'", "starting with a letter or digit"),
         ("[models.x]\ncheckpoint = 'a/b'\nmax_output_side = 4096", "max_output_side"),
         ("[models.x]\ncheckpoint = 'a/b'\nuser_groups = ['gold']", "user_groups"),
         ("[models.x]\ncheckpoint = 'a/b'\nsteeps = 4", "steeps"),
@@ -364,3 +371,17 @@ def test_settings_at_the_edges_are_taken() -> None:
     )
     assert settings.allowed_fetch_ports == frozenset({1, 65535})
     assert settings.signing_key() == b"s" * 32
+
+
+def test_names_prices_and_limits_at_their_edges_are_accepted(tmp_path: Path) -> None:
+    text = (
+        "[models.'team/edit:v2.1']\ncheckpoint = 'a/b'\nprice = 100000000000\n"
+        "[models.free]\ncheckpoint = 'a/b'\nprice = 0\nfamily = 'edit'\nmax_images = 1\n"
+        "[models.cheap]\ncheckpoint = 'a/b'\nprice = 0.001\n"
+    )
+    specs = load_models_file(write(tmp_path, text))
+    assert [(spec.name, spec.price) for spec in specs] == [
+        ("team/edit:v2.1", 1e11),
+        ("free", 0.0),
+        ("cheap", 0.001),
+    ]

@@ -103,6 +103,16 @@ def test_image_url_must_be_a_string() -> None:
     assert param == "image_urls[1]"
 
 
+def test_an_image_url_may_be_a_long_presigned_link_up_to_8192_chars() -> None:
+    """The seed limits callback_url alone; a presigned S3 link with a session token runs
+    past 2048 characters and must pass."""
+    base = "https://bucket.s3.amazonaws.com/a.png?X-Amz-Security-Token="
+    ok = base + "A" * (8192 - len(base))
+    assert QwenImageEditRequest.model_validate(body(image_urls=[URL, ok])).image_urls[1] == ok
+    param, message = problem(body(image_urls=[URL, ok + "A"]))
+    assert param == "image_urls[1]" and "longer than 8192 characters" in message
+
+
 def test_callback_url_is_https_only_and_at_most_2048_chars() -> None:
     ok = "https://example.com/" + "a" * (2048 - len("https://example.com/"))
     QwenImageEditRequest.model_validate(body(callback_url=ok))
@@ -144,7 +154,13 @@ def test_valid_sizes(size: str) -> None:
     QwenImageEditRequest.model_validate(body(size=size))
 
 
-@pytest.mark.parametrize("size", ["496x512", "512x2064", "520x512", "1024", "axb", "0x0"])
+@pytest.mark.parametrize(
+    "size",
+    [
+        *["496x512", "512x2064", "520x512", "1024", "axb", "0x0", "512x512x512"],
+        *["\uff15\uff11\uff12x\uff15\uff11\uff12", "\u0665\u0661\u0662x512", "0512x0512"],
+    ],
+)
 def test_invalid_sizes(size: str) -> None:
     param, message = problem(body(size=size))
     assert param == "size" and ("512-2048" in message or "1024x1024" in message)

@@ -141,6 +141,16 @@ def test_the_built_in_model_takes_the_model_settings() -> None:
         default.user_groups,
     )
     assert Settings(price=0).model_specs()[0].price == 0
+    assert Settings(price=1e11).model_specs()[0].price == 1e11
+    assert Settings(price=0.001).model_specs()[0].price == 0.001
+    for price, said in [(1e13, r"from 0 to 1e\+11"), (float("inf"), "from 0"), (0.0001, "0.001")]:
+        with pytest.raises(ValidationError, match=said):
+            Settings(price=price)
+    for name in ["qwen-image-edit", "team/edit:v2.1", "A" * 100]:
+        assert Settings(model_name=name).model_specs()[0].name == name
+    for name in ["a b", "", "-x", "A" * 101, "x\n"]:
+        with pytest.raises(ValidationError, match="model_name"):
+            Settings(model_name=name)
 
 
 def test_variables_are_checked_like_flags(

@@ -123,6 +123,7 @@ def render_key(key: ApiKey, secret: str | None = None) -> dict[str, Any]:
         "account": {"id": key.account.id, "name": key.account.name},
         "created": int(key.created_at.timestamp()),
         "revoked": None if key.revoked_at is None else int(key.revoked_at.timestamp()),
+        "rotated": None if key.rotated_at is None else int(key.rotated_at.timestamp()),
     }
     if secret is not None:
         body["secret"] = secret
@@ -391,7 +392,7 @@ async def revoke_key(key_id: str, request: Request) -> JSONResponse:
 
 @router.post(
     "/keys/{key_id}/rotate",
-    summary="Replace a key: the old one is revoked at once",
+    summary="Give a key a new secret: the old secret stops at once; id and tasks stay",
     responses=_WRITE_ERRORS,
     openapi_extra=_SECURED,
 )

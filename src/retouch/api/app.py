@@ -13,7 +13,7 @@ from retouch.api.admin import REQUEST_MODELS as ADMIN_REQUEST_MODELS
 from retouch.api.admin import router as admin_router
 from retouch.api.auth import SECURITY_SCHEMES
 from retouch.api.errors import install_error_handlers
-from retouch.api.limits import BodySizeLimit
+from retouch.api.limits import BodySizeLimit, RequestCheck
 from retouch.api.playground import router as playground_router
 from retouch.api.routes import router
 from retouch.api.schemas import QwenImageEditRequest
@@ -54,6 +54,7 @@ def create_app(
         app.include_router(included)
     install_error_handlers(app, [route for included in routers for route in included.routes])
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.add_middleware(RequestCheck)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match, Route
 
@@ -69,7 +69,24 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
             )
         )
 
+    async def on_data_error(request: Request, exc: Exception) -> JSONResponse:
+        # What the request's checks let through and the database refuses as data
+        # (PostgreSQL: a NUL character in text, a value past a column's length).
+        log.warning(
+            "the database refused a value of %s %s: %s",
+            request.method,
+            request.url.path,
+            first_line(exc, 200),
+        )
+        return error_response(
+            InvalidRequestError(
+                "The request holds a value the database cannot store: a NUL character, "
+                "or a value longer than its field allows"
+            )
+        )
+
     app.add_exception_handler(OperationalError, on_database_error)
+    app.add_exception_handler(DataError, on_data_error)
     app.add_exception_handler(RetouchError, on_retouch_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -37,6 +37,7 @@ from retouch.api.schemas import (
 )
 from retouch.api.service import TaskService
 from retouch.errors import (
+    AuthenticationError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -51,6 +52,9 @@ from retouch.uploads import content_type
 router = APIRouter()
 SSE_POLL_SECONDS = 0.25
 SSE_KEEPALIVE_SECONDS = 15.0
+# How often a stream asks again whether its key still works: a key revoked (or given
+# a new secret) while its holder follows a task stops the stream within this.
+SSE_KEY_CHECK_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -302,7 +306,9 @@ async def list_models(request: Request) -> JSONResponse:
     summary="Follow a task: Server-Sent Events (extension)",
     description="`text/event-stream`: an `event: task` with the task detail at once and at "
     "every change of status or progress; after a terminal status the final detail, then the "
-    "stream ends. A `: keep-alive` comment every 15 s while nothing changes.",
+    "stream ends. A `: keep-alive` comment every 15 s while nothing changes. If the key "
+    "stops working (revoked, or rotated to a new secret), an `event: error` with the 401 "
+    "error body, then the stream ends.",
     tags=["Task Management"],
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "The event stream"},
@@ -315,11 +321,24 @@ async def task_events(task_id: str, request: Request) -> StreamingResponse:
     first = await _in_thread(request, lambda s, key: (key, s.get(key, task_id)), read_only=True)
     key, task = first
     service = _service(request)
+    secret = bearer_secret(request)
+    key_checked = time.monotonic()
 
     def read() -> Task:
+        nonlocal key_checked
+        if time.monotonic() - key_checked >= SSE_KEY_CHECK_SECONDS:
+            authenticate(service.store, secret)
+            key_checked = time.monotonic()
         return service.get(key, task_id)
 
     async def events() -> AsyncIterator[str]:
+        try:
+            async for event in task_changes():
+                yield event
+        except AuthenticationError as exc:
+            yield f"event: error\ndata: {json.dumps(exc.body(), separators=(',', ':'))}\n\n"
+
+    async def task_changes() -> AsyncIterator[str]:
         current: Task | None = task
         shown: tuple[str, int] | None = None
         quiet_since = time.monotonic()
@@ -434,6 +453,9 @@ _SIGNED_LINK_QUERY: dict[str, Any] = {
     responses={200: {"content": {"image/*": {}}, "description": "The image"}, **_errors(403, 404)},
     openapi_extra=_SIGNED_LINK_QUERY,
 )
+# HEAD as every general-purpose server answers it (RFC 9110 9.1): link checkers and
+# downloaders ask for the size and type first. Left out of the schema (same operation).
+@router.head("/v1/uploads/{upload_id}", include_in_schema=False)
 async def download_upload(upload_id: str, request: Request) -> Response:
     uploads = _service(request).uploads
     if uploads is None:
@@ -467,6 +489,7 @@ async def get_usage(request: Request) -> JSONResponse:
     },
     openapi_extra=_SIGNED_LINK_QUERY,
 )
+@router.head("/v1/files/{key:path}", include_in_schema=False)
 async def download_result(key: str, request: Request) -> FileResponse:
     expires, signature = _signed_link(request, "result")
     storage = _service(request).storage

@@ -15,8 +15,13 @@ from retouch.models import ModelSpec
 from retouch.tasks import MAX_SEED
 
 MAX_IMAGES = 3
-MAX_URL_LENGTH = 2048
-_SIZE = re.compile(r"^(\d{1,5})[x*](\d{1,5})$")
+MAX_URL_LENGTH = 2048  # the seed's limit for callback_url
+# The seed states none for image_urls. Presigned links (an S3 one with a session token
+# runs to ~2-3 KB) must pass; 8 KB is the request line most HTTP servers accept.
+MAX_IMAGE_URL_LENGTH = 8192
+# ASCII digits without leading zeros (`\d` takes any script's digits), `x` or the
+# provider's `*` between them.
+_SIZE = re.compile(r"([1-9][0-9]{0,4})[x*]([1-9][0-9]{0,4})")
 # The characters RFC 3986 allows in a URI, with well-formed percent-escapes.
 _URI = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 
@@ -87,7 +92,7 @@ class QwenImageEditRequest(BaseModel):
         for index, url in enumerate(urls):
             if url[:5].lower() == "data:":
                 continue  # decoded and checked at submission (retouch.uploads)
-            problem = url_problem(url, ("http", "https"))
+            problem = url_problem(url, ("http", "https"), MAX_IMAGE_URL_LENGTH)
             if problem:
                 raise ValueError(f"image_urls[{index}] {problem}")
         return urls
@@ -117,7 +122,7 @@ class QwenImageEditRequest(BaseModel):
 
 
 def parse_size(size: str) -> tuple[int, int]:
-    match = _SIZE.match(size.strip())
+    match = _SIZE.fullmatch(size.strip())
     if not match:
         raise ValueError(f"must look like 1024x1024 (width x height), not {size!r}")
     width, height = int(match[1]), int(match[2])
@@ -129,10 +134,10 @@ def parse_size(size: str) -> tuple[int, int]:
     return width, height
 
 
-def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+def url_problem(url: str, schemes: tuple[str, ...], max_length: int = MAX_URL_LENGTH) -> str | None:
     """What makes `url` unusable as an absolute URL of one of `schemes`, or None."""
-    if len(url) > MAX_URL_LENGTH:
-        return f"is longer than {MAX_URL_LENGTH} characters"
+    if len(url) > max_length:
+        return f"is longer than {max_length} characters"
     try:
         parts = urlsplit(url)
     except ValueError:

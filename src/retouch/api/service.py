@@ -26,7 +26,7 @@ from retouch.netguard import DestinationRefused, UrlRules
 from retouch.prompts import PromptTokenCounter, ensure_prompt_fits
 from retouch.storage import ResultStorage
 from retouch.store import Store
-from retouch.tasks import EditParams, Task, TaskStatus, new_task_id
+from retouch.tasks import MAX_TASK_ID_LENGTH, EditParams, Task, TaskStatus, new_task_id
 from retouch.uploads import Upload, Uploads, is_data_uri
 
 DEFAULT_TASK_SECONDS = 30.0
@@ -304,13 +304,13 @@ class TaskService:
 
     def get(self, key: ApiKey, task_id: str) -> Task:
         """The caller's task; another key's task is indistinguishable from none."""
-        task = self.store.get_task(task_id, key.id)
+        task = self.store.get_task(_possible_task_id(task_id), key.id)
         if task is None:
-            raise NotFoundError(f"No task found with id '{task_id}'", param="task_id")
+            raise _no_task(task_id)
         return task
 
     def cancel(self, key: ApiKey, task_id: str) -> Task:
-        return self.store.request_cancel(task_id, key.id)
+        return self.store.request_cancel(_possible_task_id(task_id), key.id)
 
     def render_callback(self, task: Task, server_url: str) -> dict[str, Any]:
         """The task detail its callback carries: its links go through the public URL,
@@ -365,7 +365,7 @@ class TaskService:
         }
 
     def redeliver(self, key: ApiKey, task_id: str) -> Task:
-        return self.store.redeliver(task_id, key.id)
+        return self.store.redeliver(_possible_task_id(task_id), key.id)
 
     def estimated_time(self, task: Task) -> int:
         """Seconds until done: recent run times, this task's progress and the queue ahead."""
@@ -397,6 +397,20 @@ class TaskService:
                 fallback_suggestion=next(iter(sorted(self.models))),
             )
         return model
+
+
+def _possible_task_id(task_id: str) -> str:
+    """`task_id`, unless no task can have it: longer than the column, or holding a
+    character PostgreSQL cannot even compare (NUL), which is a 404 like any other
+    unknown id rather than a database error."""
+    if len(task_id) > MAX_TASK_ID_LENGTH or "\x00" in task_id:
+        raise _no_task(task_id)
+    return task_id
+
+
+def _no_task(task_id: str) -> NotFoundError:
+    shown = task_id if len(task_id) <= 100 else task_id[:100] + "…"
+    return NotFoundError(f"No task found with id {shown!r}", param="task_id")
 
 
 def _fingerprint(request: QwenImageEditRequest) -> str:

@@ -45,8 +45,8 @@ class RetouchError(Exception):
         text = self.message
         if self.param:
             text += f" (param: {self.param})"
-        if self.fallback_suggestion:
-            text += f"; {self.fallback_suggestion}"
+        if self.fallback_suggestion and self.fallback_suggestion not in self.message:
+            text += f" (suggestion: {self.fallback_suggestion})"
         return text
 
 

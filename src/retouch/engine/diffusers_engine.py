@@ -113,8 +113,12 @@ class DiffusersEngine:
         import diffusers
         import transformers
 
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+        for library in (diffusers, transformers):
+            library.utils.logging.disable_progress_bar()
+            # Their warnings go through the process's own handler (JSON lines in a
+            # service), not a handler of their own writing raw lines to stderr.
+            library.utils.logging.disable_default_handler()
+            library.utils.logging.enable_propagation()
         pipeline_class = getattr(diffusers, PIPELINE_CLASSES[self.spec.family])
         # Each pipeline loads its own transformer (a LoRA is fused into it) and
         # scheduler (it keeps the state of a run).
@@ -152,6 +156,14 @@ class DiffusersEngine:
             raise ModelLoadError(
                 f"--lora {lora.source!r} needs the peft package, which is not installed; "
                 "pip install peft (or serve without the LoRA)."
+            )
+        source = lora.source
+        if (_looks_like_a_path(source) or source.endswith(".safetensors")) and not Path(
+            source
+        ).expanduser().exists():
+            raise ModelLoadError(
+                f"There is no LoRA file or folder at {source!r}; pass --lora an existing "
+                ".safetensors file or folder, or a Hugging Face id (with --lora-weight-name)."
             )
         # `weight_name` picks one file of a LoRA repository or folder holding several.
         weight_name = getattr(lora, "weight_name", None)
@@ -289,7 +301,9 @@ class DiffusersEngine:
             output = self.pipe(
                 image=images,
                 prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
+                # Without true CFG (scale <= 1) a negative prompt has no use, and
+                # diffusers would print a warning for every edit.
+                negative_prompt=job.negative_prompt if job.true_cfg_scale > 1 else None,
                 true_cfg_scale=job.true_cfg_scale,
                 num_inference_steps=job.steps,
                 num_images_per_prompt=job.n,

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, insert, select, update
 
-from retouch.accounts import DEFAULT_CREDITS, Account, UserGroup
+from retouch.accounts import DEFAULT_CREDITS, MAX_NAME_LENGTH, Account, UserGroup, check_text
 from retouch.errors import ConflictError, NotFoundError
 from retouch.keys import ApiKey, display_prefix, generate_secret, hash_secret, new_key_id
 from retouch.store.base import StoreBase
@@ -52,6 +52,7 @@ class KeyStore(StoreBase):
             return self._insert_key(conn, name, owner)
 
     def _insert_key(self, conn: Connection, name: str, owner: Account) -> tuple[ApiKey, str]:
+        check_text(name, "name", MAX_NAME_LENGTH)
         secret = generate_secret()
         key = ApiKey(
             id=new_key_id(),
@@ -109,14 +110,20 @@ class KeyStore(StoreBase):
         return result.rowcount == 1
 
     def rotate_key(self, key_id: str) -> tuple[ApiKey, str]:
-        """Revoke a key and create its replacement (same name, same account) at once."""
+        """Give a key a new secret: the old one answers 401 from the commit on. The key
+        stays (id, name, account), and with it what its holder reaches: its tasks,
+        running ones included, and its idempotency keys."""
+        secret = generate_secret()
+        now = self.clock.now()
         with self._write() as conn:
-            row = conn.execute(_KEYS_WITH_ACCOUNTS.where(api_keys.c.id == key_id)).first()
-            if row is None:
-                raise NotFoundError(f"No key found with id {key_id!r}", param="key_id")
-            if row.revoked_at is not None:
-                raise ConflictError(f"Key {key_id!r} is revoked; create a new one", param="key_id")
-            conn.execute(
-                update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=self.clock.now())
+            changed = conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(key_hash=hash_secret(secret), prefix=display_prefix(secret), rotated_at=now)
             )
-            return self._insert_key(conn, row.name, _key(row).account)
+            row = conn.execute(_KEYS_WITH_ACCOUNTS.where(api_keys.c.id == key_id)).first()
+        if row is None:
+            raise NotFoundError(f"No key found with id {key_id!r}", param="key_id")
+        if changed.rowcount != 1:
+            raise ConflictError(f"Key {key_id!r} is revoked; create a new one", param="key_id")
+        return _key(row), secret

@@ -31,11 +31,14 @@ from retouch.accounts import (
     DEFAULT_CREDITS,
     MAX_ACCOUNT_LIMIT,
     MAX_BALANCE_UNITS,
+    MAX_NAME_LENGTH,
+    MAX_NOTE_LENGTH,
     Account,
     EntryKind,
     LedgerEntry,
     Usage,
     UserGroup,
+    check_text,
     new_account_id,
     to_credits,
     to_units,
@@ -112,6 +115,7 @@ def create_account_row(
     now: datetime,
     note: str | None = None,
 ) -> Account:
+    check_text(name, "name", MAX_NAME_LENGTH)
     taken = conn.execute(select(accounts.c.id).where(accounts.c.name == name)).first()
     if taken is not None:
         raise ConflictError(
@@ -140,6 +144,8 @@ def create_account_row(
 
 
 def _grant(conn: Connection, account_id: str, units: int, now: datetime, note: str | None) -> None:
+    if note is not None:
+        check_text(note, "note", MAX_NOTE_LENGTH)
     if units == 0:
         return
     conn.execute(

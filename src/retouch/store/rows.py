@@ -62,6 +62,7 @@ def key_from_row(key: Row[Any], account: Account) -> ApiKey:
         account=account,
         created_at=key.created_at,
         revoked_at=key.revoked_at,
+        rotated_at=key.rotated_at,
     )
 
 

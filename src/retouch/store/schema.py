@@ -23,6 +23,8 @@ from sqlalchemy import (
     TypeDecorator,
 )
 
+from retouch.tasks import MAX_TASK_ID_LENGTH
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone)."""
@@ -84,13 +86,14 @@ api_keys = Table(
     Column("prefix", String(16), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("rotated_at", UTCDateTime(), nullable=True),
     Index("ix_api_keys_account", "account_id"),
 )
 
 tasks = Table(
     "tasks",
     metadata,
-    Column("id", String(64), primary_key=True),
+    Column("id", String(MAX_TASK_ID_LENGTH), primary_key=True),
     Column("key_id", String(40), ForeignKey("api_keys.id"), nullable=False),
     Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
     Column("model", String(100), nullable=False),
