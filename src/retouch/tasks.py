@@ -99,6 +99,7 @@ class Task:
     attempts: int = 0
     cancel_requested: bool = False
     started_at: datetime | None = None
+    run_started_at: datetime | None = None  # its current run on the engine, if begun
     finished_at: datetime | None = None
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None

@@ -461,6 +461,7 @@ class _TaskRun:
         try:
             if self.should_stop():
                 raise Interrupted
+            self._mark_running()
             started = time.perf_counter()
             self._last_step = started
             outputs = self.model.engine.run(self._job(), self.on_step, self.should_stop)
@@ -495,6 +496,15 @@ class _TaskRun:
             return False
         self._store_failures.succeeded()
         return stop
+
+    def _mark_running(self) -> None:
+        """Record the start of the run (what wait estimates measure from)."""
+        try:
+            self.store.mark_running(self.task.id, self.worker.worker_id)
+        except Exception as exc:
+            self._store_failures.failed(exc)
+            return
+        self._store_failures.succeeded()
 
     def on_step(self, done: int, total: int) -> None:
         now = time.perf_counter()

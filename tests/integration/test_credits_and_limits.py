@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import event
 
 from retouch.accounts import GroupLimits, Limits
-from retouch.engine.base import EditJob, StepCallback, StopCheck
+from retouch.engine.base import EditJob, Interrupted, StepCallback, StopCheck
 from retouch.engine.fixture import FixtureEngine
 from retouch.store import base as store_base
 from retouch.tasks import Task, TaskStatus
@@ -33,6 +33,7 @@ from tests.integration.test_api import (
     wait_status,
 )
 from tests.integration.test_uploads_and_events import stored_uploads
+from tests.integration.test_worker_lifecycle import wait_task
 from tests.support import ImageHost, png_bytes, wait_for
 
 URL = "https://example.com/a.png"
@@ -732,6 +733,50 @@ def test_vip_tasks_go_ahead_of_default_ones(api: Api, image_host: ImageHost) -> 
     api.start_worker(engine)
     wait_for(lambda: engine.runs == 3 and len(engine.prompts) == 3)
     assert engine.prompts == ["vip soon after", "default early", "vip much later"]
+
+
+class HeldAtFirstStep(FixtureEngine):
+    """Reports step 1 of 5 (20 %), then holds until released (or stopped)."""
+
+    def __init__(self) -> None:
+        super().__init__(step_seconds=0)
+        self.release = threading.Event()
+
+    def run(self, job: EditJob, on_step: StepCallback, should_stop: StopCheck) -> list[Any]:
+        on_step(1, 5)
+        while not self.release.wait(0.02):
+            if should_stop():
+                raise Interrupted
+        return super().run(job, lambda *_: None, should_stop)
+
+
+def test_estimates_count_the_run_ahead_and_the_task_claimed_ahead(
+    api: Api, image_host: ImageHost
+) -> None:
+    """With 30 s per task (nothing measured yet) and one worker: the running task has
+    80 % left (24 s); the one its worker claimed ahead waits for it (24 + 30); a
+    pending one waits for both, the queue ahead and itself."""
+    url = image_host.add("/a.png", png_bytes())
+    ids = []
+    for index in range(4):
+        ids.append(create(api, edit([url], prompt=f"task {index}"))["id"])
+        api.clock.advance(1)
+    engine = HeldAtFirstStep()
+    api.start_worker(engine)
+    wait_for(
+        lambda: (
+            stored(api, ids[0]).progress == 20
+            and stored(api, ids[1]).status is TaskStatus.PROCESSING
+        ),
+        what="the first task at step 1, the second claimed ahead",
+    )
+    estimates = [task_detail(api, task_id)["task_info"]["estimated_time"] for task_id in ids]
+    assert estimates == [24, 24 + 30, 24 + 30 + 30, 24 + 30 + 30 + 30]
+
+    engine.release.set()
+    for task_id in ids:
+        done = wait_task(api.store, task_id, TaskStatus.COMPLETED)
+        assert api.service.estimated_time(done) == 0
 
 
 # -- the usage endpoint ----------------------------------------------------------

@@ -422,6 +422,32 @@ def test_queue_position_and_recent_durations(store: Store, key: ApiKey, clock: F
     assert store.recent_task_seconds("qwen-image-edit") == pytest.approx(12)
 
 
+def test_run_times_count_from_the_engines_start_not_the_claim(
+    store: Store, key: ApiKey, clock: FakeClock
+) -> None:
+    """A task is claimed ahead while the one before runs: its run time starts when
+    the engine takes it, and a run handed back and claimed again starts afresh."""
+    task = make_task(store, key)
+    claimed = store.claim_next("w1", LEASE)
+    assert claimed is not None and claimed.run_started_at is None
+    assert [t.id for t in store.tasks_in_hand("qwen-image-edit")] == [task.id]
+    clock.advance(10)  # waiting for the engine
+    assert store.mark_running(task.id, "w1")
+    assert not store.mark_running(task.id, "w2")  # not its lease
+    clock.advance(3)
+    assert store.release(task.id, "w1")  # handed back mid-run
+    again = store.claim_next("w2", LEASE)
+    assert again is not None and again.run_started_at is None
+    clock.advance(5)
+    assert store.mark_running(task.id, "w2")
+    started = store.get_task(task.id)
+    assert started is not None and started.run_started_at == clock.now()
+    clock.advance(2)
+    assert store.complete(task.id, "w2", [], clock.now())
+    assert store.recent_task_seconds("qwen-image-edit") == pytest.approx(2)
+    assert store.tasks_in_hand("qwen-image-edit") == []
+
+
 def test_recent_durations_are_read_from_an_index_without_a_sort(
     store: Store, key: ApiKey, clock: FakeClock
 ) -> None:

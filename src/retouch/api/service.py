@@ -368,14 +368,28 @@ class TaskService:
         return self.store.redeliver(_possible_task_id(task_id), key.id)
 
     def estimated_time(self, task: Task) -> int:
-        """Seconds until done: recent run times, this task's progress and the queue ahead."""
+        """Seconds until done, from the model's recent run times: what is left of this
+        task's run; for a task claimed ahead, also what is left of the run before it
+        on its worker; for a pending one, also the tasks in hand and the queue ahead,
+        shared among the workers holding tasks of its model."""
         if task.status.is_terminal:
             return 0
         per_task = self._typical_seconds(task.model)
-        if task.status is TaskStatus.PROCESSING:
+        if task.status is TaskStatus.PROCESSING and task.run_started_at is not None:
             return round(per_task * (100 - task.progress) / 100)
-        ahead = self.store.queue_position(task)
-        return round(per_task * (ahead + 1))
+
+        def left(other: Task) -> float:
+            if other.run_started_at is None:
+                return per_task
+            return per_task * (100 - other.progress) / 100
+
+        in_hand = [other for other in self.store.tasks_in_hand(task.model) if other.id != task.id]
+        if task.status is TaskStatus.PROCESSING:
+            running = (o for o in in_hand if o.lease_owner == task.lease_owner and o.run_started_at)
+            return round(sum(map(left, running)) + per_task)
+        workers = max(1, len({other.lease_owner for other in in_hand}))
+        backlog = sum(map(left, in_hand)) + per_task * self.store.queue_position(task)
+        return round(backlog / workers + per_task)
 
     def _typical_seconds(self, model: str) -> float:
         with self._lock:

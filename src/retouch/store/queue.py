@@ -273,9 +273,11 @@ class TaskQueue(StoreBase):
             return int(conn.execute(_QUEUE_AHEAD, values).scalar_one())
 
     def recent_task_seconds(self, model: str, sample: int = 20) -> float | None:
-        """Mean run time of the last completed tasks of this model, if any."""
+        """Mean run time of the last completed tasks of this model, if any: from the
+        start of their (last) run on the engine, not from their claim, which may have
+        come a whole edit earlier (older tasks: from the claim)."""
         recent = (
-            select(tasks.c.started_at, tasks.c.finished_at)
+            select(tasks.c.started_at, tasks.c.run_started_at, tasks.c.finished_at)
             .where(tasks.c.model == model, tasks.c.status == TaskStatus.COMPLETED.value)
             .order_by(tasks.c.finished_at.desc())
             .limit(sample)
@@ -283,11 +285,18 @@ class TaskQueue(StoreBase):
         with self._read() as conn:
             rows = conn.execute(recent).all()
         durations = [
-            (row.finished_at - row.started_at).total_seconds()
+            (row.finished_at - (row.run_started_at or row.started_at)).total_seconds()
             for row in rows
-            if row.started_at is not None and row.finished_at is not None
+            if (row.run_started_at or row.started_at) is not None and row.finished_at is not None
         ]
         return sum(durations) / len(durations) if durations else None
+
+    def tasks_in_hand(self, model: str) -> list[Task]:
+        """The model's processing tasks: running on an engine, finishing, or claimed
+        ahead and waiting for one (few: at most three per worker)."""
+        query = select(tasks).where(tasks.c.model == model, tasks.c.status == _PROCESSING)
+        with self._read() as conn:
+            return [task_from_row(row) for row in conn.execute(query)]
 
     # -- the worker's side ---------------------------------------------------
 
@@ -319,6 +328,7 @@ class TaskQueue(StoreBase):
                 lease_seconds=lease_seconds,
                 attempts=tasks.c.attempts + 1,
                 started_at=func.coalesce(tasks.c.started_at, now),
+                run_started_at=None,
             )
             .returning(*tasks.c)
         )
@@ -330,6 +340,10 @@ class TaskQueue(StoreBase):
         """Extend the lease; False when the worker no longer holds it."""
         expires = self.clock.now() + timedelta(seconds=lease_seconds)
         return self._update_leased(task_id, worker_id, lease_expires_at=expires)
+
+    def mark_running(self, task_id: str, worker_id: str) -> bool:
+        """The engine starts the task's run now; False when the lease was lost."""
+        return self._update_leased(task_id, worker_id, run_started_at=self.clock.now())
 
     def set_progress(
         self, task_id: str, worker_id: str, progress: int, lease_seconds: float

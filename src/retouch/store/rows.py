@@ -44,6 +44,7 @@ def task_from_row(row: Row[Any]) -> Task:
         attempts=row.attempts,
         cancel_requested=bool(row.cancel_requested),
         started_at=row.started_at,
+        run_started_at=row.run_started_at,
         finished_at=row.finished_at,
         lease_owner=row.lease_owner,
         lease_expires_at=row.lease_expires_at,

@@ -106,6 +106,8 @@ tasks = Table(
     # The queue's order: `created_at`, less the vip head start for vip tasks.
     Column("priority_at", UTCDateTime(), nullable=False),
     Column("started_at", UTCDateTime(), nullable=True),
+    # When the engine started the current run (a task is claimed ahead of its run).
+    Column("run_started_at", UTCDateTime(), nullable=True),
     Column("finished_at", UTCDateTime(), nullable=True),
     Column("attempts", Integer, nullable=False, default=0),
     Column("cancel_requested", Boolean, nullable=False, default=False),
