@@ -1,6 +1,6 @@
 """Checks on every request before it is routed: a cap on its body, enforced while
 it streams in (413 past it); a Host header that names a host (400 otherwise); no
-NUL character in its path (404: nothing is named so) or query (400)."""
+NUL character in its path (404: nothing is named so)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,4 @@ def _refusal(scope: Scope) -> RetouchError | None:
         )
     if "\x00" in scope["path"]:
         return NotFoundError("Not found: no route or resource has a NUL character in its name")
-    if b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
-        return InvalidRequestError("The query string holds a NUL character (%00)")
     return None

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Row,
     and_,
     case,
     exists,
@@ -173,10 +174,14 @@ def _credit_units(credits: float) -> int:
 
 def find_account(conn: Connection, ref: str, *, lock: bool = False) -> Any:
     """An account row by id or by name."""
-    query = select(accounts).where(or_(accounts.c.id == ref, accounts.c.name == ref))
-    if lock:
-        query = query.with_for_update()
-    rows = conn.execute(query).all()
+    # No account is named with a NUL (names are printable), which PostgreSQL could
+    # not even compare: unknown here as on SQLite.
+    rows: Sequence[Row[Any]] = ()
+    if "\x00" not in ref:
+        query = select(accounts).where(or_(accounts.c.id == ref, accounts.c.name == ref))
+        if lock:
+            query = query.with_for_update()
+        rows = conn.execute(query).all()
     if not rows:
         raise NotFoundError(f"No account found with id or name {ref!r}", param="account")
     # An id always wins over a name that happens to look like one.
