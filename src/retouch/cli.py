@@ -232,7 +232,7 @@ def keys_list(account: str | None, **options: Any) -> None:
         return
     click.echo(f"{'ID':<21} {'NAME':<20} {'PREFIX':<10} {'ACCOUNT':<20} {'CREATED':<20} STATUS")
     for key in rows:
-        status = "revoked" if not key.active else "active"
+        status = "active" if key.active else "revoked"
         if key.active and key.rotated_at is not None:
             status += f" (rotated {key.rotated_at.strftime('%Y-%m-%d %H:%M:%S')})"
         created = key.created_at.strftime("%Y-%m-%d %H:%M:%S")

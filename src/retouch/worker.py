@@ -219,10 +219,7 @@ class Worker:
         task_id = waiting.task.id
         with waiting.lease, context(task_id=task_id, worker_id=self.worker_id):
             try:
-                if self.store.cancel_was_requested(task_id):
-                    self.cancel(task_id)
-                else:
-                    log.warning("task %s: lease lost while it waited for the engine", task_id)
+                self._stopped_early(task_id, "waiting for the engine")
             except Exception:
                 # The database is away: the lease will expire; the cancel is kept.
                 log.exception("task %s: could not be cancelled", task_id)
@@ -295,7 +292,7 @@ class Worker:
             check_prompt(model.engine, task.params.prompt)
             images = self._fetch_inputs(task, model.spec)
         except FetchStopped:
-            self._fetch_stopped(task.id)
+            self._stopped_early(task.id, "fetching its inputs")
             return None
         except InvalidInputError as exc:
             log.info("task %s: bad input %s: %s", task.id, exc.param, exc.message)
@@ -308,16 +305,17 @@ class Worker:
             return None
         return _Prepared(task, model, images, lease, _StopCheck(self, task.id))
 
-    def _fetch_stopped(self, task_id: str) -> None:
-        """A fetch ended early: the worker is stopping (the task goes back to the
-        queue), the task was cancelled (it is cancelled here) or its lease was lost."""
+    def _stopped_early(self, task_id: str, doing: str) -> None:
+        """A task stopped before it ran (`doing`: what it was doing): the worker is
+        stopping (it goes back to the queue), it was cancelled (it is cancelled here)
+        or its lease was lost."""
         if self.stopping.is_set():
-            log.info("task %s: fetching its inputs stopped: the worker is stopping", task_id)
+            log.info("task %s: %s stopped: the worker is stopping", task_id, doing)
             self._hand_back(task_id)
         elif self.store.cancel_was_requested(task_id):
             self.cancel(task_id)
         else:
-            log.warning("task %s: lease lost while fetching its inputs", task_id)
+            log.warning("task %s: lease lost while %s", task_id, doing)
 
     def fail(self, task_id: str, error: TaskError) -> bool:
         """Fail a task this worker holds; False if its lease was lost."""

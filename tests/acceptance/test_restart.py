@@ -8,7 +8,6 @@ import signal
 import socket
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -275,7 +274,7 @@ def test_sigterm_lets_the_running_task_finish_and_exits_0(tmp_path: Path) -> Non
     server, headers, body, host = fixture_server(
         data_dir, "--steps", "150", "--shutdown-grace-seconds", "60"
     )
-    stream_ended = threading.Event()
+    stream_open, stream_ended = threading.Event(), threading.Event()
     try:
         with httpx.Client(base_url=server.url, headers=headers, timeout=10) as http:
             running = http.post("/v1/images/generations", json=body).json()["id"]
@@ -288,13 +287,14 @@ def test_sigterm_lets_the_running_task_finish_and_exits_0(tmp_path: Path) -> Non
                 httpx.Client(base_url=server.url, headers=headers, timeout=60) as client,
                 client.stream("GET", f"/v1/tasks/{queued}/events") as events,
             ):
+                stream_open.set()
                 for _line in events.iter_lines():
                     pass
             stream_ended.set()
 
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
-        time.sleep(0.5)
+        assert stream_open.wait(10), "the event stream did not open"
         assert server.kill(signal.SIGTERM) == 0, server.log()[-3000:]
         assert stream_ended.wait(5)
     finally:

@@ -19,6 +19,8 @@ from retouch.accounts import (
     DEFAULT_CREDITS,
     MAX_ACCOUNT_LIMIT,
     MAX_CREDITS,
+    MAX_NAME_LENGTH,
+    MAX_NOTE_LENGTH,
     Account,
     LedgerEntry,
     Limits,
@@ -150,7 +152,7 @@ class _Body(BaseModel):
 
 
 class NewAccount(_Body):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     user_group: UserGroup = "default"
     credits: float | None = Field(default=None, ge=0, le=MAX_CREDITS)
     allowed_models: list[str] | None = None
@@ -171,11 +173,11 @@ class Grant(_Body):
     credits: float = Field(
         ge=-MAX_CREDITS, le=MAX_CREDITS, description="Credits to add (negative: to take back)."
     )
-    note: str | None = Field(default=None, max_length=500)
+    note: str | None = Field(default=None, max_length=MAX_NOTE_LENGTH)
 
 
 class NewKey(_Body):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     account: str | None = Field(
         default=None, description="Id or name of the account; default: a new account."
     )

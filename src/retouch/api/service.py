@@ -414,10 +414,9 @@ class TaskService:
 
 
 def _possible_task_id(task_id: str) -> str:
-    """`task_id`, unless no task can have it: longer than the column, or holding a
-    character PostgreSQL cannot even compare (NUL), which is a 404 like any other
-    unknown id rather than a database error."""
-    if len(task_id) > MAX_TASK_ID_LENGTH or "\x00" in task_id:
+    """`task_id`, unless it is longer than any task's (the column's length): a 404
+    like any other unknown id. (A NUL in a path is refused before routing.)"""
+    if len(task_id) > MAX_TASK_ID_LENGTH:
         raise _no_task(task_id)
     return task_id
 
