@@ -402,8 +402,7 @@ def ledger_check(**options: Any) -> None:
 
 
 def _store(settings: Settings) -> Store:
-    from retouch.server import open_store
-    from retouch.store import DatabaseOpenError
+    from retouch.store import DatabaseOpenError, open_store
 
     try:
         return open_store(settings)

@@ -38,7 +38,7 @@ from retouch.models import ModelsFileError, ModelSpec
 from retouch.netguard import AddressGuard, UrlRules
 from retouch.prompts import PromptTokenCounter
 from retouch.settings import Settings
-from retouch.store import Store, open_database
+from retouch.store import Store, open_store
 from retouch.uploads import Uploads
 from retouch.worker import new_worker_id
 from retouch.worker_process import result_storage, worker_main
@@ -56,12 +56,6 @@ _MAX_RESTART_DELAY_SECONDS = 60.0
 
 class StartupError(Exception):
     """The server cannot start; the message is one sentence for the operator."""
-
-
-def open_store(settings: Settings) -> Store:
-    """The store, its schema up to date; DatabaseOpenError says why it cannot be."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return open_database(settings.resolved_database_url, pool_size=settings.db_pool_size)
 
 
 def serve(settings: Settings) -> None:

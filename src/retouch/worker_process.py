@@ -20,7 +20,7 @@ from retouch.metrics import readiness_problems
 from retouch.models import ModelsFileError
 from retouch.settings import Settings
 from retouch.storage import open_storage
-from retouch.store import DatabaseOpenError, Store, open_database
+from retouch.store import DatabaseOpenError, Store, open_store
 from retouch.store.notify import Wakeups
 from retouch.uploads import Uploads
 from retouch.worker import LoadedModel, Worker, WorkerConfig
@@ -138,9 +138,8 @@ def run_worker(settings: Settings) -> None:
 
 
 def _start_worker(settings: Settings) -> tuple[Worker, Store]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)  # the default SQLite file's home
     try:
-        store = open_database(settings.resolved_database_url, pool_size=settings.db_pool_size)
+        store = open_store(settings)
     except DatabaseOpenError as exc:
         raise WorkerStartupError(str(exc)) from None
     log.info("loading %s", ", ".join(spec.name for spec in settings.model_specs()))

@@ -78,7 +78,7 @@ def test_two_apis_and_three_workers_lose_nothing(
         ServeProcess(tmp_path / f"api{i}", *shared, *limits, "--no-worker", env=env)
         for i in range(2)
     ]
-    worker_args = [*shared, "--steps", "20", "--shutdown-grace-seconds", "30"]
+    worker_args = [*shared, "--steps", "10", "--shutdown-grace-seconds", "30"]
     workers = [WorkerProcess(tmp_path / f"worker{i}", *worker_args, env=env) for i in range(3)]
     processes: list[ServeProcess] = [*apis, *workers]
     try:

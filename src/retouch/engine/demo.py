@@ -26,7 +26,7 @@ from retouch.errors import ModelLoadError
 
 # A marker written last: a directory without it is an interrupted build.
 COMPLETE_MARKER = "retouch-demo.json"
-DEMO_FORMAT = 1
+DEMO_FORMAT = 2
 
 _ENDOFTEXT = "<|endoftext|>"
 _SPECIAL_TOKENS = [
@@ -181,7 +181,7 @@ def build_demo_pipeline(seed: int = 0) -> Any:
     )
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(
-        base_dim=8,
+        base_dim=4,
         z_dim=16,
         dim_mult=[1, 2, 4, 4],
         num_res_blocks=1,

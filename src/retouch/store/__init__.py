@@ -7,6 +7,7 @@ from retouch.store.store import (
     create_db_engine,
     database_unavailable,
     open_database,
+    open_store,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "database_unavailable",
     "migrate",
     "open_database",
+    "open_store",
 ]

@@ -3,6 +3,8 @@ outbox behind one small seam."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -19,6 +21,9 @@ from retouch.store.migrate import migrate
 from retouch.store.outbox import OutboxStore
 from retouch.store.queue import TaskQueue
 
+if TYPE_CHECKING:
+    from retouch.settings import Settings
+
 __all__ = [
     "DatabaseOpenError",
     "Store",
@@ -26,6 +31,7 @@ __all__ = [
     "create_db_engine",
     "database_unavailable",
     "open_database",
+    "open_store",
 ]
 
 
@@ -35,6 +41,13 @@ class Store(AccountStore, KeyStore, TaskQueue, OutboxStore):
 
 class DatabaseOpenError(Exception):
     """The database cannot be opened; the message is one sentence for the operator."""
+
+
+def open_store(settings: Settings) -> Store:
+    """The store a server, worker or command is configured for, its data directory
+    created and its schema up to date; DatabaseOpenError says why it cannot be."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return open_database(settings.resolved_database_url, pool_size=settings.db_pool_size)
 
 
 def open_database(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Store:
