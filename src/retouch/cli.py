@@ -339,7 +339,7 @@ def _limit(value: str) -> int | None:
 @click.option("--concurrency", help="Unfinished tasks at a time, or `default` (the group's).")
 @settings_options(
     "data_dir", "database_url", "requests_per_minute", "requests_per_minute_vip",
-    "max_concurrent_tasks", "max_concurrent_tasks_vip",
+    "max_concurrent_tasks", "max_concurrent_tasks_vip", "models_file", "model", "model_name",
 )  # fmt: skip
 def accounts_update(
     account: str,
@@ -349,11 +349,16 @@ def accounts_update(
     concurrency: str | None,
     **options: Any,
 ) -> None:
-    """Change an account's user group, allowed models or limits."""
+    """Change an account's user group, allowed models or limits.
+
+    --models takes the names the server serves: give this command the server's
+    --models-file (or --model-name) when it has one, as its API would refuse others."""
     settings = build_settings(**options)
     changes: dict[str, Any] = {}
     if models is not None:
         names = [name.strip() for name in models.split(",") if name.strip()]
+        if models != "all":
+            _check_served(names, settings)
         changes["allowed_models"] = None if models == "all" else names
     if rate is not None:
         changes["requests_per_minute"] = _limit(rate)
@@ -362,6 +367,26 @@ def accounts_update(
     store = _store(settings)
     updated = _admin_call(lambda: store.update_account(account, user_group=group, **changes))
     _print_account(updated, settings)
+
+
+def _check_served(names: list[str], settings: Settings) -> None:
+    """Refuse model names the configured models do not include (a typo would leave
+    the account with a model nobody serves)."""
+    from retouch.models import ModelsFileError
+
+    try:
+        served = {spec.name for spec in settings.model_specs()}
+    except ModelsFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    unknown = sorted(set(names) - served)
+    if unknown:
+        configured = "--models-file or --model-name" if not settings.models_file else "models file"
+        raise click.BadParameter(
+            f"no model {', '.join(unknown)} is served with these settings, which serve "
+            f"{', '.join(sorted(served))}; check the names, or give this command the "
+            f"server's {configured}",
+            param_hint="'--models'",
+        )
 
 
 @main.group()

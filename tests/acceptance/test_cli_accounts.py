@@ -159,3 +159,39 @@ def test_amounts_the_ledger_cannot_hold_are_refused_in_one_line(tmp_path: Path) 
     shown = cli(data, "accounts", "show", "alice").stdout.splitlines()
     assert shown[1] == "credits: 5 balance, 0 reserved, 5 available"
     assert shown[3] == "limits: 60 tasks/minute, 10 unfinished tasks"
+
+
+def test_an_account_may_be_given_only_models_the_settings_serve(tmp_path: Path) -> None:
+    """A name the server does not serve (a typo) would leave the account unable to use
+    the model it was meant to have: refused, as the admin API refuses it, naming what is
+    served; the models come from the same settings as `retouch serve`'s."""
+    data = tmp_path / "data"
+    create_key(data, "--name", "alice")
+    typo = cli(data, "accounts", "update", "alice", "--models", "qwen-image-edt", check=False)
+    assert typo.returncode == 2 and typo.stdout == ""
+    assert "Invalid value for '--models': no model qwen-image-edt is served" in typo.stderr
+    assert "which serve qwen-image-edit;" in typo.stderr
+    assert "--models-file or --model-name" in typo.stderr
+    assert cli(data, "accounts", "show", "alice").stdout.splitlines()[2] == "models: all"
+
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[models.qwen-image-edit]\ncheckpoint = "fixture"\n\n'
+        '[models.qwen-image-edit-hd]\ncheckpoint = "fixture"\nprice = 2.5\n'
+    )
+    from_file = ("--models-file", str(models))
+    hd = cli(data, "accounts", "update", "alice", "--models", "qwen-image-edit-hd", *from_file)
+    assert hd.stdout.splitlines()[2] == "models: qwen-image-edit-hd"
+    mixed = cli(
+        data, "accounts", "update", "alice", "--models", "qwen-image-edit-hd,fast,edit",
+        *from_file, check=False,
+    )  # fmt: skip
+    assert mixed.returncode == 2
+    assert "no model edit, fast is served" in mixed.stderr
+    assert "server's models file" in mixed.stderr
+    renamed = cli(data, "accounts", "update", "alice", "--models", "mine", "--model-name", "mine")
+    assert renamed.stdout.splitlines()[2] == "models: mine"
+    # `all` needs no served names.
+    assert cli(data, "accounts", "update", "alice", "--models", "all").stdout.splitlines()[2] == (
+        "models: all"
+    )
