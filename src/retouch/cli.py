@@ -355,11 +355,12 @@ def accounts_update(
     --models-file (or --model-name) when it has one, as its API would refuse others."""
     settings = build_settings(**options)
     changes: dict[str, Any] = {}
-    if models is not None:
+    if models == "all":
+        changes["allowed_models"] = None
+    elif models is not None:
         names = [name.strip() for name in models.split(",") if name.strip()]
-        if models != "all":
-            _check_served(names, settings)
-        changes["allowed_models"] = None if models == "all" else names
+        _check_served(names, settings)
+        changes["allowed_models"] = names
     if rate is not None:
         changes["requests_per_minute"] = _limit(rate)
     if concurrency is not None:
